@@ -1,0 +1,27 @@
+from setuptools import find_packages, setup
+
+# torch is pinned by the environment (a CPU wheel on the build machines, a CUDA wheel on clusters);
+# we only state the range the code is tested with.
+setup(
+    name="skipgpt-dist",
+    version="0.1.0",
+    description="Distributed SkipGPT: per-token attention/MLP skipping with real compute savings",
+    packages=find_packages(include=["skipgpt_dist", "skipgpt_dist.*"]),
+    python_requires=">=3.10",
+    install_requires=[
+        "torch>=2.6,<2.15",
+        "transformers>=5.20,<5.30",
+        "peft>=0.17",
+        "datasets>=3.0",
+        "accelerate>=1.0",
+        "safetensors>=0.4",
+        "pyyaml>=6",
+        "tqdm>=4.60",
+        "tokenizers>=0.20",
+    ],
+    extras_require={
+        "dev": ["pytest>=8", "deepspeed>=0.16", "wandb>=0.18", "submitit>=1.5", "gguf>=0.10", "matplotlib>=3.7"],
+        "gpu": ["flash-attn>=2.6"],
+        "deepspeed": ["deepspeed>=0.16"],
+    },
+)

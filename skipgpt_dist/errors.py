@@ -1,0 +1,27 @@
+"""User-facing errors: one line that names the problem and the fix, never a traceback wall."""
+from __future__ import annotations
+
+import functools
+import sys
+
+
+class SkipGPTError(Exception):
+    """An error caused by user input (config, path, data, checkpoint, launcher argument).
+
+    Its message is one line naming the problem and the fix. Entry points print it as
+    ``error: <message>`` and exit with status 2.
+    """
+
+
+def run_cli(main):
+    """Decorate an entry point so a SkipGPTError becomes one line on stderr and exit code 2."""
+
+    @functools.wraps(main)
+    def wrapper(*args, **kwargs):
+        try:
+            return main(*args, **kwargs)
+        except SkipGPTError as err:
+            print(f"error: {err}", file=sys.stderr, flush=True)
+            sys.exit(2)
+
+    return wrapper
