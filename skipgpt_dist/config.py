@@ -1,0 +1,419 @@
+"""The typed training-config tree: defaults <- YAML file <- `key.sub=value` overrides, validated on load.
+
+Each section is a dataclass that owns its defaults. Types come from the annotations (walked generically with
+`dataclasses.fields` + `typing.get_type_hints`); ranges and choices live in each field's metadata
+(`_num(...)`, `_choice(...)`), so adding a key is one line. Every user mistake is a one-line `SkipGPTError`
+that names the key (`optim.lr`, `routers.capacity`, ...) and the fix.
+"""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import math
+import os
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import ClassVar, Optional, Sequence
+
+import yaml
+
+from .errors import SkipGPTError
+from .routing.config import RouterConfig
+
+
+def _num(default, *, ge=None, gt=None, le=None, lt=None):
+    """A numeric field with an allowed range (checked on construction)."""
+    return field(default=default, metadata={"ge": ge, "gt": gt, "le": le, "lt": lt})
+
+
+def _choice(default, choices: tuple):
+    """A field restricted to a fixed set of values."""
+    return field(default=default, metadata={"choices": choices})
+
+
+def _list(*default: str, nonempty: bool = False):
+    return field(default_factory=lambda: list(default), metadata={"nonempty": nonempty})
+
+
+def _section(cls):
+    return field(default_factory=cls)
+
+
+class _Section:
+    """Mixin: coerce + range-check every field on construction. `_prefix` names the section in messages."""
+
+    _prefix: ClassVar[str] = ""
+
+    def __post_init__(self):
+        self.validate()
+
+    def validate(self):
+        hints = typing.get_type_hints(type(self))
+        for f in dataclasses.fields(self):
+            key = _join(self._prefix, f.name)
+            value = _coerce(getattr(self, f.name), hints[f.name], key)
+            setattr(self, f.name, value)
+            _check_field(value, f.metadata, key)
+        return self
+
+
+@dataclass
+class ModelConfig(_Section):
+    _prefix: ClassVar[str] = "model"
+    # A Hugging Face model folder, or `builtin:smollm2-135m` / `builtin:tiny` (prepared by skipgpt_dist.assets).
+    path: str = "builtin:smollm2-135m"
+    # Dtype the base weights are loaded in.
+    dtype: str = _choice("float32", ("float32", "bfloat16"))
+    # Pass trust_remote_code to transformers (only for model folders you trust).
+    trust_remote_code: bool = False
+
+
+@dataclass
+class DataConfig(_Section):
+    _prefix: ClassVar[str] = "data"
+    # Training text: local files (.jsonl, .parquet, .txt), `datasets` folders, or `builtin:shakespeare-train`.
+    train_files: list[str] = _list("builtin:shakespeare-train", nonempty=True)
+    # Held-out text for eval perplexity, same forms as train_files.
+    eval_files: list[str] = _list("builtin:shakespeare-eval")
+    # File format; `auto` picks it from each file's extension.
+    format: str = _choice("auto", ("auto", "jsonl", "parquet", "text", "dataset"))
+    # Field holding the text in jsonl / parquet / dataset records.
+    text_field: str = "text"
+    # Tokens per packed training sequence.
+    seq_len: int = _num(512, ge=2)
+    # Number of packed held-out sequences used for eval perplexity.
+    eval_sequences: int = _num(16, ge=1)
+    # Seed of the data order; null -> the top-level `seed`.
+    shuffle_seed: Optional[int] = None
+
+
+@dataclass
+class OptimConfig(_Section):
+    _prefix: ClassVar[str] = "optim"
+    # Peak learning rate (AdamW).
+    lr: float = _num(1e-3, gt=0)
+    weight_decay: float = _num(0.0, ge=0)
+    # AdamW (beta1, beta2), each in [0, 1).
+    betas: tuple[float, float] = (0.9, 0.95)
+    eps: float = _num(1e-8, gt=0)
+    # `cosine`: linear warmup then cosine decay to lr * min_lr_ratio; `constant`: warmup then flat.
+    schedule: str = _choice("cosine", ("cosine", "constant"))
+    warmup_steps: int = _num(10, ge=0)
+    min_lr_ratio: float = _num(0.1, ge=0, le=1)
+    # Number of optimiser steps in this stage.
+    max_steps: int = _num(100, ge=1)
+    # Sequences per forward pass, per rank.
+    micro_batch_size: int = _num(4, ge=1)
+    # Micro-batches accumulated per optimiser step.
+    grad_accum_steps: int = _num(1, ge=1)
+    # Max global gradient norm; 0 disables clipping.
+    grad_clip: float = _num(1.0, ge=0)
+
+    def validate(self):
+        super().validate()
+        if not all(0.0 <= b < 1.0 for b in self.betas):
+            raise SkipGPTError(f"optim.betas={list(self.betas)} is out of range: use two numbers in [0, 1), "
+                               "e.g. [0.9, 0.95]")
+        return self
+
+
+@dataclass
+class LoraConfig(_Section):
+    _prefix: ClassVar[str] = "stage.lora"
+    # LoRA rank.
+    r: int = _num(16, ge=1)
+    # LoRA scaling numerator (scale = alpha / r).
+    alpha: int = _num(32, ge=1)
+    dropout: float = _num(0.1, ge=0, lt=1)
+    # Linear submodules (by name) of each decoder layer that get adapters.
+    target_modules: list[str] = _list("q_proj", "v_proj", "gate_proj", nonempty=True)
+
+
+@dataclass
+class StageConfig(_Section):
+    _prefix: ClassVar[str] = "stage"
+    # 1 = router tuning (base frozen), 2 = LoRA restore (routers frozen and hard).
+    stage: int = _choice(1, (1, 2))
+    # Stage 2: the stage-1 checkpoint folder, or a stage-1 run folder (its latest checkpoint is used).
+    init_from: Optional[str] = None
+    # Stage 2: keep training the routers alongside LoRA.
+    train_routers: bool = False
+    lora: LoraConfig = _section(LoraConfig)
+
+    def validate(self):
+        super().validate()
+        if self.stage == 2 and not self.init_from:
+            raise SkipGPTError("stage.init_from is required for stage 2: set it to the stage-1 run folder or "
+                               "checkpoint, e.g. stage.init_from=runs/smollm2_stage1")
+        return self
+
+
+@dataclass
+class CheckpointConfig(_Section):
+    _prefix: ClassVar[str] = "checkpoint"
+    # Save every N optimiser steps; 0 = only at the end.
+    every_steps: int = _num(50, ge=0)
+    # Number of complete checkpoints kept in run_dir/checkpoints.
+    keep_last: int = _num(2, ge=1)
+    # `auto`: resume from the newest complete checkpoint of run_dir if any; `never`; or a checkpoint folder path.
+    resume: str = "auto"
+
+    def validate(self):
+        super().validate()
+        if not self.resume.strip():
+            raise SkipGPTError("checkpoint.resume is empty: use auto, never, or a checkpoint folder path")
+        return self
+
+
+@dataclass
+class LoggingConfig(_Section):
+    _prefix: ClassVar[str] = "logging"
+    # Log metrics every N optimiser steps.
+    every_steps: int = _num(1, ge=1)
+    # Show a progress bar on rank 0.
+    progress: bool = True
+    # Also log to Weights & Biases (rank 0).
+    wandb: bool = False
+    wandb_project: str = "skipgpt-dist"
+    # W&B mode; the WANDB_MODE environment variable, if set, wins over this key.
+    wandb_mode: str = _choice("offline", ("online", "offline", "disabled"))
+
+
+@dataclass
+class EvalConfig(_Section):
+    _prefix: ClassVar[str] = "eval"
+    # Evaluate every N optimiser steps; 0 = only at the end.
+    every_steps: int = _num(0, ge=0)
+    # Evaluate once more after the last step.
+    at_end: bool = True
+
+
+@dataclass
+class ParallelConfig(_Section):
+    _prefix: ClassVar[str] = "parallel"
+    # `none`: a single process; `deepspeed`: ZeRO; `fsdp2`: `fully_shard` per decoder block.
+    backend: str = _choice("none", ("none", "deepspeed", "fsdp2"))
+    # Path to a DeepSpeed JSON config (backend=deepspeed); null -> the built-in default.
+    ds_config: Optional[str] = None
+    # Recompute each decoder block in the backward pass to save activation memory.
+    activation_checkpointing: bool = False
+    # `bf16`: compute in bfloat16 with fp32 master weights.
+    mixed_precision: str = _choice("none", ("none", "bf16"))
+
+
+@dataclass
+class TrainConfig(_Section):
+    _prefix: ClassVar[str] = ""
+    # Folder for checkpoints, logs and the resolved config.
+    run_dir: str = "runs/default"
+    # Seed of model init (routers, LoRA), gate noise and (unless data.shuffle_seed) the data order.
+    seed: int = _num(0, ge=0)
+    model: ModelConfig = _section(ModelConfig)
+    routers: RouterConfig = _section(RouterConfig)
+    data: DataConfig = _section(DataConfig)
+    optim: OptimConfig = _section(OptimConfig)
+    stage: StageConfig = _section(StageConfig)
+    checkpoint: CheckpointConfig = _section(CheckpointConfig)
+    logging: LoggingConfig = _section(LoggingConfig)
+    eval: EvalConfig = _section(EvalConfig)
+    parallel: ParallelConfig = _section(ParallelConfig)
+
+    def validate(self):
+        super().validate()
+        for f in dataclasses.fields(self):  # re-check sections, which may have been edited after construction
+            section = getattr(self, f.name)
+            if dataclasses.is_dataclass(section):
+                section.validate()
+        return self
+
+    def global_batch_size(self, world_size: int) -> int:
+        """Sequences per optimiser step over all ranks."""
+        return self.optim.micro_batch_size * self.optim.grad_accum_steps * world_size
+
+
+# ---------------------------------------------------------------- type coercion and checks
+
+
+def _join(prefix: str, name: str) -> str:
+    return f"{prefix}.{name}" if prefix else name
+
+
+def _type_error(key: str, value, expected: str):
+    return SkipGPTError(f"{key}={value!r} has the wrong type: expected {expected}")
+
+
+def _coerce(value, tp, key: str):
+    """Check `value` against the annotation `tp` and return it in canonical form (raises SkipGPTError)."""
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin is typing.Union and type(None) in args:
+        inner = [a for a in args if a is not type(None)][0]
+        return None if value is None else _coerce(value, inner, key)
+    if dataclasses.is_dataclass(tp):
+        return value if isinstance(value, tp) else _from_dict(tp, value, key)
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise _type_error(key, value, "true or false")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise _type_error(key, value, "an integer")
+        return value
+    if tp is float:
+        return _coerce_float(value, key)
+    if tp is str:
+        if not isinstance(value, str):
+            raise _type_error(key, value, "a string (quote it in YAML)")
+        return value
+    if origin is list:
+        return _coerce_list(value, args[0], key)
+    if origin is tuple:
+        if not isinstance(value, (list, tuple)) or len(value) != len(args):
+            raise _type_error(key, value, f"a list of {len(args)} values")
+        return tuple(_coerce(v, t, f"{key}[{i}]") for i, (v, t) in enumerate(zip(value, args)))
+    raise TypeError(f"config field {key} has an unsupported annotation {tp!r}")
+
+
+def _coerce_float(value, key: str) -> float:
+    # Ints are fine for float keys; so are numeric strings, since YAML 1.1 reads `3e-4` (no dot) as a string.
+    if isinstance(value, bool):
+        raise _type_error(key, value, "a number")
+    if isinstance(value, str):
+        try:
+            value = float(value)
+        except ValueError:
+            raise _type_error(key, value, "a number") from None
+    if not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise _type_error(key, value, "a finite number")
+    return float(value)
+
+
+def _coerce_list(value, item_type, key: str) -> list:
+    if not isinstance(value, (list, tuple)):
+        raise _type_error(key, value, "a list, e.g. [a, b]")
+    return [_coerce(v, item_type, f"{key}[{i}]") for i, v in enumerate(value)]
+
+
+def _check_field(value, meta, key: str) -> None:
+    """Range / choice / non-empty checks from a field's metadata."""
+    if "choices" in meta and value not in meta["choices"]:
+        allowed = ", ".join(str(c) for c in meta["choices"])
+        raise SkipGPTError(f"{key}={value!r} is not supported: use one of {allowed}")
+    if meta.get("nonempty") and not value:
+        raise SkipGPTError(f"{key} is empty: give at least one entry")
+    bounds = (("ge", ">=", lambda a, b: a >= b), ("gt", ">", lambda a, b: a > b),
+              ("le", "<=", lambda a, b: a <= b), ("lt", "<", lambda a, b: a < b))
+    for name, sign, ok in bounds:
+        bound = meta.get(name)
+        if bound is not None and value is not None and not ok(value, bound):
+            raise SkipGPTError(f"{key}={value!r} is out of range: it must be {sign} {bound}")
+
+
+def _from_dict(cls, data, prefix: str):
+    """Build dataclass `cls` from a mapping, rejecting unknown keys with a suggestion."""
+    if data is None:  # an empty YAML section (`logging:` with everything commented out)
+        data = {}
+    if not isinstance(data, dict):
+        raise _type_error(prefix or "config", data, "a mapping of keys to values")
+    hints = typing.get_type_hints(cls)
+    valid = [f.name for f in dataclasses.fields(cls)]
+    for name in data:
+        if name not in valid:
+            raise _unknown_key(cls, str(name), valid, prefix)
+    kwargs = {name: _coerce(value, hints[name], _join(prefix, name)) for name, value in data.items()}
+    return cls(**kwargs)
+
+
+def _unknown_key(cls, name: str, valid: list[str], prefix: str) -> SkipGPTError:
+    close = [_join(prefix, c) for c in difflib.get_close_matches(name, valid, n=1)]
+    if not close:  # a key put in the wrong section, e.g. top-level `seq_len` -> data.seq_len
+        sections = {k: t for k, t in typing.get_type_hints(cls).items() if dataclasses.is_dataclass(t)}
+        close = [_join(prefix, f"{k}.{name}") for k, t in sections.items()
+                 if name in {f.name for f in dataclasses.fields(t)}]
+    hint = f" (did you mean {close[0]}?)" if close else ""
+    where = f"of {prefix}" if prefix else "at the top level"
+    return SkipGPTError(f"unknown config key {_join(prefix, name)}{hint}: valid keys {where} are "
+                        f"{', '.join(valid)}")
+
+
+# ---------------------------------------------------------------- YAML, overrides, save
+
+
+def _read_yaml(path: str) -> dict:
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise SkipGPTError(f"config file {path} not found: check the path "
+                           "(example configs are in configs/)") from None
+    except (OSError, UnicodeDecodeError) as err:
+        raise SkipGPTError(f"cannot read config file {path} ({type(err).__name__}: {err}): "
+                           "pass a readable YAML file") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        line = f" line {mark.line + 1}" if mark is not None else ""
+        problem = " ".join(str(getattr(err, "problem", None) or err).split())
+        raise SkipGPTError(f"malformed YAML in {path}{line}: {problem}; fix the syntax there") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise SkipGPTError(f"config file {path} must hold a mapping of sections (e.g. `optim: {{lr: 1e-3}}`), "
+                           f"not a {type(data).__name__}")
+    return data
+
+
+def _apply_override(data: dict, override: str) -> None:
+    """Apply one `key.sub=value` override to the nested dict `data` (value parsed as YAML)."""
+    key, sep, raw = override.partition("=")
+    key = key.strip()
+    if not sep or not key:
+        raise SkipGPTError(f"override {override!r} has no '=': write it as key.sub=value, e.g. optim.lr=3e-4")
+    try:
+        value = yaml.safe_load(raw)
+    except yaml.YAMLError:
+        raise SkipGPTError(f"override {override!r}: the value is not valid YAML; quote it, "
+                           f"e.g. {key}='{raw}'") from None
+    *parents, leaf = key.split(".")
+    node = data
+    for i, part in enumerate(parents):
+        child = node.get(part)
+        if child is None:
+            child = node[part] = {}
+        if not isinstance(child, dict):
+            raise SkipGPTError(f"override {override!r}: {'.'.join(parents[:i + 1])} is a value, not a section")
+        node = child
+    node[leaf] = value
+
+
+def load_config(path: Optional[str] = None, overrides: Sequence[str] = ()) -> TrainConfig:
+    """Defaults <- YAML file at `path` (if given) <- `key.sub=value` overrides; validated."""
+    data = _read_yaml(os.fspath(path)) if path is not None else {}
+    for override in overrides:
+        _apply_override(data, override)
+    return _from_dict(TrainConfig, data, "")
+
+
+def _plain(value):
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    return value
+
+
+def config_to_dict(cfg) -> dict:
+    """The fully resolved config as plain dicts / lists / scalars (YAML- and JSON-safe)."""
+    return _plain(dataclasses.asdict(cfg))
+
+
+def save_config(cfg, path) -> None:
+    """Write the fully resolved config as YAML (atomically: temp file, then rename)."""
+    path = Path(path)
+    data = cfg if isinstance(cfg, dict) else config_to_dict(cfg)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    with open(tmp, "w", encoding="utf-8") as fh:
+        yaml.safe_dump(data, fh, sort_keys=False, default_flow_style=False)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)

@@ -1,0 +1,97 @@
+"""Attention over arbitrary (gathered) queries and keys, with causality by ORIGINAL position.
+
+Every routed attention call reduces to: queries at positions q_pos attend keys at positions k_pos that are
+valid, not in the future, and (with a sliding window) not too far back. Back ends:
+- `sdpa`: PyTorch scaled_dot_product_attention with that boolean mask (CPU and GPU; exact for every case).
+- `flash`: flash-attn varlen, GPU only, only for compacted (kv_policy=routed) sequences whose keys are the
+  queries themselves plus an earlier cache: there causal bottom-right alignment is exactly "by position".
+  (flash-attn's own causal mask is WRONG for arbitrary gathered queries, hence kv_policy=all never uses it.)
+- `flex`: FlexAttention with a mask_mod on the position map (GPU; works eagerly on CPU for tests).
+"""
+from __future__ import annotations
+
+import importlib.util
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+
+from ..errors import SkipGPTError
+
+
+def flash_attn_available() -> bool:
+    return importlib.util.find_spec("flash_attn") is not None and torch.cuda.is_available()
+
+
+def check_backend(backend: str) -> None:
+    """Fail at attach time, not mid-training, when a requested back end cannot run here."""
+    if backend == "flash" and not flash_attn_available():
+        raise SkipGPTError("routers.attn_backend=flash needs a CUDA GPU and the flash-attn package: "
+                           "pip install -e '.[gpu]' on a GPU node, or use attn_backend=auto")
+    if backend == "flex":
+        try:
+            from torch.nn.attention import flex_attention  # noqa: F401
+        except ImportError as err:
+            raise SkipGPTError("routers.attn_backend=flex needs torch>=2.5 (torch.nn.attention.flex_attention): "
+                               "upgrade torch or use attn_backend=auto") from err
+
+
+def allowed_mask(q_pos: torch.Tensor, k_pos: torch.Tensor, k_valid: torch.Tensor,
+                 window: Optional[int]) -> torch.Tensor:
+    """(B, 1, Q, K) bool: key is valid, not after the query, and inside the sliding window (if any).
+
+    A query row with no allowed key (a padding query, or a skipped token under kv_policy=routed in mask mode)
+    is opened to every key so softmax stays finite; such rows are always discarded by the caller and their zero
+    output gradient keeps them from influencing anything.
+    """
+    allowed = k_valid[:, None, :] & (k_pos[:, None, :] <= q_pos[:, :, None])
+    if window is not None:
+        allowed &= (q_pos[:, :, None] - k_pos[:, None, :]) < window
+    allowed |= ~allowed.any(dim=-1, keepdim=True)
+    return allowed[:, None]
+
+
+def sdpa_attention(q, k, v, q_pos, k_pos, k_valid, window, scale):
+    """q (B, H, Q, D); k, v (B, Hkv, K, D). Returns (B, H, Q, D)."""
+    mask = allowed_mask(q_pos, k_pos, k_valid, window)
+    if k.shape[1] != q.shape[1]:
+        repeat = q.shape[1] // k.shape[1]
+        k = k.repeat_interleave(repeat, dim=1)
+        v = v.repeat_interleave(repeat, dim=1)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
+
+
+def flex_attention_call(q, k, v, q_pos, k_pos, k_valid, window, scale):
+    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+
+    allowed = allowed_mask(q_pos, k_pos, k_valid, window)[:, 0]
+
+    def mask_mod(b, h, qi, ki):
+        return allowed[b, qi, ki]
+
+    block_mask = create_block_mask(mask_mod, q.shape[0], None, q.shape[2], k.shape[2], device=q.device)
+    return flex_attention(q, k, v, block_mask=block_mask, scale=scale, enable_gqa=k.shape[1] != q.shape[1])
+
+
+def flash_varlen_attention(q, k, v, q_real, k_real, window, scale):
+    """Compacted causal attention: q (B, H, Q, D) real slots first; k/v (B, Hkv, K, D) cache then the same slots.
+
+    Rows are packed with cu_seqlens; causal=True aligns bottom-right, which is exact here because each row's
+    queries are its last keys.
+    """
+    from flash_attn import flash_attn_varlen_func
+
+    def pack(x, real):
+        x = x.transpose(1, 2)  # (B, L, H, D)
+        lens = real.sum(dim=1, dtype=torch.int32)
+        cu = F.pad(lens.cumsum(0, dtype=torch.int32), (1, 0))
+        return x[real], cu, int(lens.max())
+
+    q_packed, cu_q, max_q = pack(q, q_real)
+    k_packed, cu_k, max_k = pack(k, k_real)
+    v_packed, _, _ = pack(v, k_real)
+    out = flash_attn_varlen_func(q_packed, k_packed, v_packed, cu_q, cu_k, max_q, max_k, softmax_scale=scale,
+                                 causal=True, window_size=(window - 1, 0) if window else (-1, -1))
+    full = q.new_zeros(q.shape[0], q.shape[2], q.shape[1], q.shape[3])
+    full[q_real] = out
+    return full.transpose(1, 2)

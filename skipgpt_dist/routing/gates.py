@@ -1,0 +1,122 @@
+"""Gates: router logits -> execute/skip decisions, straight-through gradients and capacity slots.
+
+Noise is a counter-based hash of (seed, step, global sample id, layer, kind, position, channel) rather than a
+draw from a global RNG. The same token therefore gets the same Gumbel noise whichever rank processes it, in
+whatever micro-batch, and after a resume: distributed == one process and resume == never stopped hold with noise.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+
+_MASK64 = (1 << 64) - 1
+
+
+def _signed(x: int) -> int:
+    x &= _MASK64
+    return x - (1 << 64) if x >= (1 << 63) else x
+
+
+_M1 = _signed(0xBF58476D1CE4E5B9)
+_M2 = _signed(0x94D049BB133111EB)
+_GOLDEN = _signed(0x9E3779B97F4A7C15)
+
+
+def _shr(x: torch.Tensor, n: int) -> torch.Tensor:
+    # Logical right shift on int64 (torch's >> is arithmetic for signed types).
+    return (x >> n) & ((1 << (64 - n)) - 1)
+
+
+def _splitmix(x: torch.Tensor) -> torch.Tensor:
+    x = x ^ _shr(x, 30)
+    x = x * _M1
+    x = x ^ _shr(x, 27)
+    x = x * _M2
+    return x ^ _shr(x, 31)
+
+
+def hashed_uniform(seed: int, step: int, sample_ids: torch.Tensor, layer: int, kind: int,
+                   positions: torch.Tensor) -> torch.Tensor:
+    """Uniform(0, 1) noise of shape (B, S, 2), a pure function of its arguments.
+
+    sample_ids: (B,) global ids of the rows; positions: (B, S) token positions within each row.
+    """
+    base = torch.tensor(_signed(seed * 0x100000001B3 + step), dtype=torch.int64)
+    for value in (layer, kind):
+        base = _splitmix(base ^ _signed((value + 1) * _GOLDEN))
+    x = _splitmix(base.to(positions.device) ^ (sample_ids.to(positions.device, torch.int64)[:, None] * _GOLDEN))
+    x = _splitmix(x ^ (positions.to(torch.int64) * _M1))
+    channel = torch.arange(1, 3, device=positions.device, dtype=torch.int64) * _M2
+    x = _splitmix(x[..., None] ^ channel)
+    bits = _shr(x, 11).to(torch.float64)
+    return ((bits + 0.5) / float(1 << 53)).to(torch.float32)
+
+
+@dataclass
+class Gates:
+    """Decisions of one router for one forward pass.
+
+    hard: (B, S) bool, the router's execute decisions (never true on padding).
+    score: (B, S) float, the (noisy in training) margin execute - skip, used to rank tokens for capacity slots.
+    soft: (B, S) float execute probability carrying the straight-through gradient, or None without grad.
+    """
+
+    hard: torch.Tensor
+    score: torch.Tensor
+    soft: Optional[torch.Tensor]
+
+    def straight_through(self, executed: torch.Tensor, dense: bool) -> torch.Tensor:
+        """Multiplier for the sublayer output: equal to `executed` in value, with the ST gradient.
+
+        dense=False: the gradient reaches only executed tokens (a skipped sublayer has no output to differentiate).
+        """
+        value = executed.to(self.score.dtype)
+        if self.soft is None:
+            return value
+        surrogate = self.soft - self.soft.detach()
+        return value + (surrogate if dense else value * surrogate)
+
+    def regulariser_gate(self) -> torch.Tensor:
+        """The gate the sparsity loss sees: hard value, ST gradient on every token."""
+        value = self.hard.to(self.score.dtype)
+        if self.soft is None:
+            return value
+        return value + self.soft - self.soft.detach()
+
+
+def draw_gates(logits: torch.Tensor, valid: torch.Tensor, temperature: float,
+               noise: Optional[torch.Tensor]) -> Gates:
+    """Hard straight-through Gumbel-softmax gates (noise given) or deterministic argmax gates (noise None)."""
+    logits = logits.float()
+    if noise is not None:
+        gumbel = -torch.log(-torch.log(noise))
+        z = (logits + gumbel) / temperature
+        soft = torch.softmax(z, dim=-1)[..., 0]
+    else:
+        z = logits
+        soft = torch.softmax(logits, dim=-1)[..., 0] if logits.requires_grad else None
+    score = z[..., 0] - z[..., 1]
+    hard = (score > 0) & valid
+    return Gates(hard=hard, score=score, soft=soft)
+
+
+def capacity_slots(seq_len: int, capacity: float) -> int:
+    return max(1, math.ceil(capacity * seq_len - 1e-9))
+
+
+def select_slots(candidates: torch.Tensor, score: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Fill k static slots per row with candidate tokens, highest score first.
+
+    Returns idx (B, k) token indices and real (B, k) bool. Real slots come first and in original token order
+    (so compacted sequences stay causal); padding slots follow and must be discarded by the caller. All k
+    indices of a row are distinct.
+    """
+    keyed = torch.where(candidates, score, torch.full_like(score, float("-inf")))
+    top_val, top_idx = keyed.topk(k, dim=1)
+    real = torch.isfinite(top_val)
+    order = torch.where(real, top_idx, top_idx.new_full((), keyed.shape[1]) + torch.arange(k, device=score.device))
+    perm = order.argsort(dim=1)
+    return top_idx.gather(1, perm), real.gather(1, perm)
