@@ -213,9 +213,9 @@ class CheckpointManager:
         tmp = self.root / tmp_name
         local = self._write_rank_files(write_fn, tmp, rank)
         error = _all_ok(_describe(local))
-        if error is None and rank == 0:
-            local = self._commit(tmp, final, state_text, config)
-        error = _all_ok(_describe(local) if rank == 0 else None)
+        if error is None:  # every rank wrote its files: rank 0 commits, everyone learns whether it worked
+            local = self._commit(tmp, final, state_text, config) if rank == 0 else None
+            error = _all_ok(_describe(local))
         if error is None:
             return final
         if rank == 0:
@@ -269,7 +269,11 @@ class CheckpointManager:
         if final.exists():  # re-saving a step after a resume: move the old one aside, then drop it
             trash = self.root / f".trash_{final.name}_{os.getpid()}"
             os.rename(final, trash)
-            os.rename(tmp, final)
+            try:
+                os.rename(tmp, final)
+            except OSError:
+                os.rename(trash, final)  # put the old checkpoint back
+                raise
             shutil.rmtree(trash, ignore_errors=True)
         else:
             os.rename(tmp, final)

@@ -22,21 +22,23 @@ FAMILIES = {
 }
 
 
-def build(family: str, seed: int = 0, **router_kwargs):
-    """A float32 eval-mode model with routers that execute roughly half of the tokens."""
+def build(family: str, seed: int = 0, skip_shift: float = 0.0, **router_kwargs):
+    """A float32 eval-mode model with routers that execute roughly 2/3 of the tokens (fewer with skip_shift)."""
     torch.manual_seed(seed)
     model = FAMILIES[family]().float().eval()
     attach_routers(model, RouterConfig(**router_kwargs))
-    scramble_routers(model, seed)
+    scramble_routers(model, seed, skip_shift)
     return model
 
 
-def scramble_routers(model, seed: int) -> None:
+def scramble_routers(model, seed: int, skip_shift: float = 0.0) -> None:
     gen = torch.Generator().manual_seed(seed + 1000)
     with torch.no_grad():
         for name, param in model.named_parameters():
             if "skipgpt_" in name:
-                param.copy_(torch.randn(param.shape, generator=gen) * (0.5 if param.dim() > 1 else 0.3))
+                param.copy_(torch.randn(param.shape, generator=gen) * (8.0 if param.dim() > 1 else 0.3))
+                if name.endswith("net.bias"):
+                    param[1] += skip_shift
 
 
 def batch(seed: int, batch_size: int = 3, seq_len: int = 19, padding: str = "none", vocab: int = 97):

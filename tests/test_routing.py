@@ -1,0 +1,321 @@
+"""Routed model core: design.md invariants 1 (capacity == mask) and 2 (cached decode == full forward)."""
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from routing_models import FAMILIES, batch, build, scramble_routers
+from skipgpt_dist import (RouterConfig, SkipGPTError, attach_routers, count_router_parameters, load_routers,
+                          routing_disabled, routing_stats, save_routers, sparsity_loss)
+from skipgpt_dist.routing.gates import hashed_uniform
+
+POLICIES = ("all", "routed")
+PADDINGS = ("none", "left", "right")
+
+
+def logits_on_real(model, ids, mask):
+    return model(ids, attention_mask=mask).logits[mask.bool()]
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+@pytest.mark.parametrize("policy", POLICIES)
+@pytest.mark.parametrize("padding", PADDINGS)
+def test_capacity_equals_mask_forward(family, policy, padding):
+    ids, mask = batch(seed=3, padding=padding)
+    reference = build(family, mode="mask", kv_policy=policy, skip_shift=0.5)
+    with torch.no_grad():
+        expected = logits_on_real(reference, ids, mask)
+        ref_sparsity = routing_stats(reference)["sparsity"]
+        assert 0.15 < ref_sparsity < 0.7, "routers must really skip for this test to mean anything"
+        for capacity in (1.0, 0.8):
+            routed = build(family, mode="capacity", capacity=capacity, kv_policy=policy, skip_shift=0.5)
+            got = logits_on_real(routed, ids, mask)
+            stats = routing_stats(routed)
+            if any(layer[kind]["overflow"] for layer in stats["layers"] for kind in ("attn", "mlp")):
+                continue  # the invariant only holds when nothing overflows
+            torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+            assert stats["sparsity"] == pytest.approx(ref_sparsity)
+
+
+def test_capacity_below_one_is_exercised_without_overflow():
+    """Guards the test above from silently skipping its capacity < 1 case."""
+    ids, mask = batch(seed=3, padding="left")
+    model = build("llama_gqa", mode="capacity", capacity=0.8, skip_shift=0.5)
+    with torch.no_grad():
+        model(ids, attention_mask=mask)
+    assert all(layer[k]["overflow"] == 0 for layer in routing_stats(model)["layers"] for k in ("attn", "mlp"))
+
+
+def train_step_grads(model, ids, mask):
+    model.train()
+    for name, param in model.named_parameters():
+        param.requires_grad_("skipgpt_" in name)
+    logits = model(ids, attention_mask=mask).logits
+    labels = ids.masked_fill(mask == 0, -100)
+    loss = F.cross_entropy(logits[:, :-1].flatten(0, 1), labels[:, 1:].flatten(), ignore_index=-100)
+    (loss + sparsity_loss(model)).backward()
+    return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+@pytest.mark.parametrize("family", ["llama_gqa", "mistral", "qwen2"])
+@pytest.mark.parametrize("policy", POLICIES)
+@pytest.mark.parametrize("padding", ["none", "left"])
+def test_capacity_equals_mask_router_gradients(family, policy, padding):
+    ids, mask = batch(seed=5, padding=padding)
+    loss_mask, grads_mask = train_step_grads(build(family, mode="mask", kv_policy=policy), ids, mask)
+    loss_cap, grads_cap = train_step_grads(build(family, mode="capacity", capacity=1.0, kv_policy=policy), ids, mask)
+    torch.testing.assert_close(loss_cap, loss_mask, atol=1e-5, rtol=1e-5)
+    assert grads_mask.keys() == grads_cap.keys() and len(grads_mask) == 4 * 3
+    for name in grads_mask:
+        assert grads_mask[name].abs().sum() > 0, name
+        torch.testing.assert_close(grads_cap[name], grads_mask[name], atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("family", ["llama_gqa", "mistral"])
+@pytest.mark.parametrize("policy", POLICIES)
+def test_mask_mode_matches_token_by_token_oracle(family, policy):
+    """The reference itself is checked against a literal reading of the semantics."""
+    ids, mask = batch(seed=7, padding="left", batch_size=2, seq_len=11)
+    model = build(family, mode="mask", kv_policy=policy, mlp_router_input="mlp_input")
+    with torch.no_grad():
+        expected = oracle_forward(model, ids, mask, policy)
+        got = model.model(ids, attention_mask=mask).last_hidden_state
+    torch.testing.assert_close(got[mask.bool()], expected[mask.bool()], atol=1e-5, rtol=1e-5)
+
+
+def oracle_forward(model, ids, mask, policy):
+    base = model.model
+    h = base.embed_tokens(ids)
+    batch_size, seq_len, _ = h.shape
+    pos = torch.arange(seq_len)[None].expand(batch_size, -1)
+    cos, sin = base.rotary_emb(h, position_ids=pos)
+    valid = mask.bool()
+
+    def rope(t):
+        half = t.shape[-1] // 2
+        return t * cos[:, None] + torch.cat((-t[..., half:], t[..., :half]), -1) * sin[:, None]
+
+    for layer in base.layers:
+        attn, shape, window = layer.self_attn, layer._skipgpt.shape, layer._skipgpt.window
+        router_logits = layer.skipgpt_attn_router(h)
+        g_attn = (router_logits[..., 0] > router_logits[..., 1]) & valid
+        x = layer.input_layernorm(h)
+        split = lambda t: t.view(batch_size, seq_len, -1, shape.head_dim).transpose(1, 2)
+        q, k, v = rope(split(attn.q_proj(x))), rope(split(attn.k_proj(x))), split(attn.v_proj(x))
+        group = shape.heads // shape.kv_heads
+        out = torch.zeros(batch_size, seq_len, shape.heads * shape.head_dim)
+        for b in range(batch_size):
+            for t in range(seq_len):
+                if not g_attn[b, t]:
+                    continue
+                keys = [j for j in range(t + 1) if valid[b, j] and (policy == "all" or g_attn[b, j])
+                        and (window is None or t - j < window)]
+                for head in range(shape.heads):
+                    weights = torch.softmax(q[b, head, t] @ k[b, head // group, keys].T * layer._skipgpt.scale, -1)
+                    out[b, t, head * shape.head_dim:(head + 1) * shape.head_dim] = weights @ v[b, head // group, keys]
+        h = h + g_attn[..., None] * attn.o_proj(out)
+        router_logits = layer.skipgpt_mlp_router(h)  # mlp_router_input=mlp_input
+        g_mlp = (router_logits[..., 0] > router_logits[..., 1]) & valid
+        h = h + g_mlp[..., None] * layer.mlp(layer.post_attention_layernorm(h))
+    return base.norm(h)
+
+
+@pytest.mark.parametrize("mode", ["mask", "capacity"])
+@pytest.mark.parametrize("padding", ["none", "left"])
+def test_all_execute_routers_reproduce_the_dense_model(mode, padding):
+    ids, mask = batch(seed=9, padding=padding)
+    model = build("qwen2", mode=mode, capacity=1.0)
+    with torch.no_grad():
+        routed = logits_on_real(model, ids, mask)
+        with routing_disabled(model):
+            dense = logits_on_real(model, ids, mask)
+        assert routing_stats(model)["sparsity"] == 0.0
+    plain = FAMILIES["qwen2"]
+    torch.manual_seed(0)
+    original = plain().float().eval()
+    with torch.no_grad():
+        torch.testing.assert_close(dense, logits_on_real(original, ids, mask), atol=1e-5, rtol=1e-5)
+    assert (routed - dense).abs().max() > 1e-3, "routing must change the output"
+
+
+def incremental_logits(model, ids, mask, prefill):
+    out = model(ids[:, :prefill], attention_mask=mask[:, :prefill], use_cache=True)
+    pieces, cache = [out.logits], out.cache
+    for t in range(prefill, ids.shape[1]):
+        out = model(ids[:, t:t + 1], attention_mask=mask[:, :t + 1], cache=cache, use_cache=True)
+        pieces.append(out.logits)
+        cache = out.cache
+    return torch.cat(pieces, dim=1), cache
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+@pytest.mark.parametrize("policy", POLICIES)
+@pytest.mark.parametrize("mode", ["mask", "capacity"])
+@pytest.mark.parametrize("padding", ["none", "left"])
+def test_cached_decode_equals_full_forward(family, policy, mode, padding):
+    ids, mask = batch(seed=11, padding=padding, seq_len=15)
+    model = build(family, mode=mode, capacity=1.0, kv_policy=policy)
+    with torch.no_grad():
+        full = model(ids, attention_mask=mask).logits
+        stepped, cache = incremental_logits(model, ids, mask, prefill=5)
+    real = mask.bool()
+    torch.testing.assert_close(stepped[real], full[real], atol=1e-5, rtol=1e-5)
+    assert cache.get_seq_length() == ids.shape[1]
+    if policy == "routed":
+        stored = sum(int(layer.key_valid.sum()) for layer in cache.layers)
+        assert stored < int(real.sum()) * len(cache.layers), "routed cache must hold only executed tokens"
+
+
+@pytest.mark.parametrize("policy", POLICIES)
+def test_generate_with_kv_cache_matches_uncached(policy):
+    ids, mask = batch(seed=13, padding="left", batch_size=2, seq_len=9)
+    model = build("llama_gqa", mode="capacity", capacity=1.0, kv_policy=policy)
+    kwargs = dict(attention_mask=mask, max_new_tokens=8, do_sample=False, pad_token_id=0)
+    with torch.no_grad():
+        cached = model.generate(ids, use_cache=True, **kwargs)
+        uncached = model.generate(ids, use_cache=False, **kwargs)
+    assert cached.shape == (2, 17)
+    assert torch.equal(cached, uncached)
+
+
+def test_eval_is_deterministic_and_training_is_noisy():
+    ids, mask = batch(seed=15)
+    model = build("llama_mha", mode="capacity", capacity=1.0)
+    with torch.no_grad():
+        first = model(ids, attention_mask=mask).logits
+        second = model(ids, attention_mask=mask).logits
+        assert torch.equal(first, second)
+        model.train()
+        noisy = [model(ids, attention_mask=mask).logits for _ in range(2)]
+    assert not torch.equal(noisy[0], noisy[1]), "successive training forwards draw fresh Gumbel noise"
+
+
+def test_noise_is_a_function_of_the_token_not_the_batch():
+    pos = torch.arange(7)[None].expand(4, -1)
+    ids = torch.tensor([10, 11, 12, 13])
+    full = hashed_uniform(1, 2, ids, 3, 0, pos)
+    halves = torch.cat([hashed_uniform(1, 2, ids[:2], 3, 0, pos[:2]), hashed_uniform(1, 2, ids[2:], 3, 0, pos[2:])])
+    assert torch.equal(full, halves)
+    assert ((full > 0) & (full < 1)).all()
+    big = hashed_uniform(0, 0, torch.arange(64), 0, 0, torch.arange(256)[None].expand(64, -1))
+    assert abs(big.mean().item() - 0.5) < 0.01 and abs(big.std().item() - math.sqrt(1 / 12)) < 0.01
+    assert not torch.equal(hashed_uniform(1, 3, ids, 3, 0, pos), full)
+
+
+def test_expert_choice_runs_exactly_k_tokens():
+    ids, mask = batch(seed=17, seq_len=20)
+    model = build("llama_mha", mode="expert_choice", capacity=0.6)
+    with torch.no_grad():
+        model(ids, attention_mask=mask)
+    for layer in routing_stats(model)["layers"]:
+        assert layer["attn"]["execute"] == pytest.approx(12 / 20)
+        assert layer["mlp"]["execute"] == pytest.approx(12 / 20)
+
+
+@pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile")
+def test_flex_backend_matches_sdpa():
+    ids, mask = batch(seed=19, padding="left")
+    with torch.no_grad():
+        for policy in POLICIES:
+            sdpa = logits_on_real(build("mistral", mode="capacity", capacity=0.9, kv_policy=policy), ids, mask)
+            flex = logits_on_real(build("mistral", mode="capacity", capacity=0.9, kv_policy=policy,
+                                        attn_backend="flex"), ids, mask)
+            torch.testing.assert_close(flex, sdpa, atol=1e-5, rtol=1e-5)
+
+
+def test_router_parameter_count():
+    for router_type, per_router in (("linear", lambda d: 2 * d + 2),
+                                    ("mlp", lambda d: d * (d // 4) + d // 4 + (d // 4) * 2 + 2)):
+        model = build("llama_gqa", router_type=router_type)
+        layers, d = model.config.num_hidden_layers, model.config.hidden_size
+        assert count_router_parameters(model) == 2 * layers * per_router(d)
+
+
+def test_sparsity_loss_pulls_towards_target():
+    ids, mask = batch(seed=21)
+    model = build("llama_mha", mode="capacity", capacity=1.0, target_sparsity=0.9)
+    model.train()
+    model(ids, attention_mask=mask)
+    loss = sparsity_loss(model)
+    executed = 1 - routing_stats(model)["sparsity"]
+    assert loss.item() == pytest.approx(8.0 * abs(0.1 - executed), rel=1e-5)
+    loss.backward()
+    bias = model.model.layers[0].skipgpt_attn_router.net.bias.grad
+    assert bias[0] > 0 > bias[1], "too many executions: the gradient must push logits towards skip"
+
+
+def test_save_and_load_routers_round_trip(tmp_path):
+    ids, mask = batch(seed=23)
+    source = build("qwen2", seed=1)
+    target = build("qwen2", seed=1)
+    scramble_routers(target, seed=99)
+    path = tmp_path / "routers.safetensors"
+    save_routers(source, path)
+    with torch.no_grad():
+        assert not torch.equal(logits_on_real(source, ids, mask), logits_on_real(target, ids, mask))
+        cfg = load_routers(target, path)
+        torch.testing.assert_close(logits_on_real(target, ids, mask), logits_on_real(source, ids, mask))
+    assert cfg == source._skipgpt_ctx.cfg
+
+
+# ---- bad input: one clear error naming the fix ---------------------------------------------------------------
+
+@pytest.mark.parametrize("kwargs, needle", [
+    (dict(capacity=0.0), "capacity"), (dict(capacity=1.5), "capacity"), (dict(mode="dense"), "mode"),
+    (dict(kv_policy="none"), "kv_policy"), (dict(attn_backend="xformers"), "attn_backend"),
+    (dict(router_type="conv"), "router_type"), (dict(gate_grad="dense", mode="capacity"), "gate_grad"),
+])
+def test_bad_router_config_is_one_line_error(kwargs, needle):
+    with pytest.raises(SkipGPTError) as err:
+        RouterConfig(**kwargs)
+    assert needle in str(err.value) and "\n" not in str(err.value)
+
+
+def test_flash_without_flash_attn_or_gpu_is_refused():
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is present; the refusal is for machines without one")
+    with pytest.raises(SkipGPTError, match="flash-attn"):
+        build("llama_mha", attn_backend="flash", kv_policy="routed")
+
+
+def test_attaching_twice_is_refused():
+    model = build("llama_mha")
+    with pytest.raises(SkipGPTError, match="already attached"):
+        attach_routers(model, RouterConfig())
+
+
+def test_unsupported_family_names_the_supported_ones():
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    model = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=50))
+    with pytest.raises(SkipGPTError, match="llama, mistral, qwen2"):
+        attach_routers(model, RouterConfig())
+
+
+def test_router_file_for_another_model_shape_is_refused(tmp_path):
+    path = tmp_path / "routers.safetensors"
+    save_routers(build("llama_mha"), path)
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    other = LlamaForCausalLM(LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                         num_attention_heads=4, vocab_size=50))
+    attach_routers(other, RouterConfig())
+    with pytest.raises(SkipGPTError, match="this model has 2 layers"):
+        load_routers(other, path)
+    (tmp_path / "junk.safetensors").write_bytes(b"not a safetensors file")
+    with pytest.raises(SkipGPTError, match="not a readable safetensors"):
+        load_routers(other, tmp_path / "junk.safetensors")
+
+
+@pytest.mark.gpu
+def test_flash_and_flex_on_gpu_match_sdpa():
+    ids, mask = batch(seed=25, padding="left")
+    ids, mask = ids.cuda(), mask.cuda()
+    for policy, backend in (("routed", "flash"), ("all", "flex"), ("routed", "flex")):
+        results = []
+        for chosen in ("sdpa", backend):
+            model = build("llama_gqa", mode="capacity", capacity=0.9, kv_policy=policy, attn_backend=chosen).cuda()
+            with torch.no_grad():
+                results.append(logits_on_real(model, ids, mask))
+        torch.testing.assert_close(results[1], results[0], atol=2e-4, rtol=2e-4)
