@@ -85,6 +85,8 @@ def _prepared(name: str, build) -> str:
         os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes it private; a shared cache should be readable
         try:
             build(tmp)
+            for entry in os.listdir(tmp):  # some writers create 0600 files; a shared cache should be readable
+                os.chmod(os.path.join(tmp, entry), 0o666 & ~umask)
             os.rename(tmp, final)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
@@ -162,8 +164,11 @@ def shakespeare_files(split: str) -> list[str]:
 _BUILTIN_DATA = {SHAKESPEARE_TRAIN: "train", SHAKESPEARE_EVAL: "eval"}
 
 
-def resolve_data_files(entries: list[str] | str) -> list[str]:
-    """Expand builtin data names and globs; other entries are returned as given (checked when loaded)."""
+def resolve_data_files(entries: list[str] | str, key: str = "data.train_files") -> list[str]:
+    """Expand builtin data names and globs; other entries are returned as given (checked when loaded).
+
+    ``key`` is the config key the entries came from, named in error messages.
+    """
     if isinstance(entries, str):
         entries = [entries]
     out: list[str] = []
@@ -171,12 +176,12 @@ def resolve_data_files(entries: list[str] | str) -> list[str]:
         entry = str(entry)
         if entry.startswith("builtin:"):
             if entry not in _BUILTIN_DATA:
-                raise SkipGPTError(f"unknown builtin data {entry!r}: use one of {', '.join(_BUILTIN_DATA)}")
+                raise SkipGPTError(f"{key}: unknown builtin data {entry!r}: use one of {', '.join(_BUILTIN_DATA)}")
             out.extend(shakespeare_files(_BUILTIN_DATA[entry]))
         elif glob.has_magic(entry):
             matches = sorted(glob.glob(os.path.expanduser(entry)))
             if not matches:
-                raise SkipGPTError(f"data file pattern {entry!r} matches no file: fix data.files")
+                raise SkipGPTError(f"{key}: data file pattern {entry!r} matches no file: fix {key}")
             out.extend(matches)
         else:
             out.append(os.path.expanduser(entry))

@@ -109,6 +109,9 @@ class OptimConfig(_Section):
     grad_accum_steps: int = _num(1, ge=1)
     # Max global gradient norm; 0 disables clipping.
     grad_clip: float = _num(1.0, ge=0)
+    # End this run at this step with a checkpoint, although the schedules span max_steps (for time-boxed jobs;
+    # the next run resumes from it). null = run to max_steps.
+    stop_at_step: Optional[int] = _num(None, ge=1)
 
     def validate(self):
         super().validate()

@@ -19,6 +19,7 @@ class RoutingContext:
     cfg: RouterConfig
     temperature: float = 5.0
     enabled: bool = True  # False: every sublayer executes (the dense model, for comparison)
+    noisy: bool = True  # Gumbel noise in training mode; False keeps gates hard and deterministic (stage 2)
     noise_seed: int = 0
     noise_step: Optional[int] = None  # None: count forward calls (fresh noise per forward)
     sample_ids: Optional[torch.Tensor] = None

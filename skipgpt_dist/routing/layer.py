@@ -79,7 +79,7 @@ def plan_sublayer(logits, valid, positions, r: LayerRouting, kind: int, training
         gates = Gates(hard=valid, score=valid.float(), soft=None)
         return Plan(gates=gates, executed=valid)
     noise = None
-    if training:
+    if training and ctx.noisy:
         ids = ctx.noise_sample_ids(valid.shape[0], valid.device)
         noise = hashed_uniform(ctx.noise_seed, ctx.noise_counter(), ids, r.layer_idx, kind, positions)
     gates = draw_gates(logits, valid, ctx.temperature, noise)

@@ -1,0 +1,351 @@
+"""Dense vs SkipGPT `mask` vs `capacity` routing: forward and router-training-step time against the FLOP ideal.
+
+The model is a LlamaForCausalLM with the shape of SmolLM2-135M (30 layers, hidden 576, MLP 1536, 9 heads / 3 KV
+heads, vocab 49152, tied embeddings), random weights, fp32. Every variant is measured in the same run,
+round-robin inside each repeat (so background load hits all of them alike); medians are reported.
+
+    python bench/routed_forward.py                       # full run: S=1024, B=1, 30 layers, 5 repeats
+    python bench/routed_forward.py --quick               # smoke run: 4 layers, S=256, 2 repeats (<30 s)
+    python bench/routed_forward.py --kv-policy both      # kv_policy all and routed side by side
+
+Routers are set so the skip fraction is known exactly:
+- capacity variants: every router says "execute" with a margin of ~20 logits (bias [+10, -10] plus a small
+  per-token term so that WHICH tokens win a slot varies along the sequence, as with trained routers). Gumbel
+  noise (train mode) never flips a margin that large, so every capacity slot is full and exactly
+  k = ceil(c * S) tokens run each sublayer; the rest overflow (= skip). routing_stats shows it.
+- mask variant: routers calibrated so ~25% of tokens skip; mask mode runs every sublayer on every token
+  anyway, so its time must be >= dense.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import math
+import os
+import sys
+from dataclasses import dataclass
+
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from bench.common import median, round_robin, time_call  # noqa: E402
+from skipgpt_dist import RouterConfig, attach_routers, routing_context, routing_stats  # noqa: E402
+
+SMOLLM2_135M = dict(hidden_size=576, intermediate_size=1536, num_attention_heads=9, num_key_value_heads=3,
+                    vocab_size=49152, tie_word_embeddings=True, rms_norm_eps=1e-5, hidden_act="silu")
+SKIPS = (0.25, 0.40)  # capacity = 1 - skip
+TARGET_FWD, TARGET_TRAIN = 0.05, 0.07  # allowed gap to the ideal ratio (from the issue)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# FLOP model
+# ----------------------------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Shape:
+    layers: int
+    d: int
+    heads: int
+    kv_heads: int
+    head_dim: int
+    inter: int
+    vocab: int
+
+
+def flop_parts(shape: Shape, seq_len: int) -> dict[str, float]:
+    """Matmul FLOPs of one forward over one sequence of seq_len tokens (2 FLOPs per multiply-add).
+
+    Per token and layer: q,o projections 2*2*d*H*Dh; k,v projections 2*2*d*Hkv*Dh; MLP (3 matrices) 2*3*d*I.
+    Causal attention (scores QK^T and values PV) over S tokens: 2*2*H*Dh * S(S+1)/2 in total per layer.
+    LM head 2*d*V per token. Norms, RoPE, softmax, embedding lookup, routers (~0.06%) are left out.
+    """
+    s, L = seq_len, shape.layers
+    return {
+        "qo": 2 * 2 * shape.d * shape.heads * shape.head_dim * s * L,
+        "kv": 2 * 2 * shape.d * shape.kv_heads * shape.head_dim * s * L,
+        "attn": 2 * 2 * shape.heads * shape.head_dim * s * (s + 1) / 2 * L,
+        "mlp": 2 * 3 * shape.d * shape.inter * s * L,
+        "head": 2 * shape.d * shape.vocab * s,
+    }
+
+
+def ideal_ratio(parts: dict[str, float], capacity: float, kv_policy: str, train: bool = False) -> float:
+    """FLOPs of a capacity-routed pass over FLOPs of the dense pass.
+
+    kv_policy=all: q/o projections, the attention of the executed queries (c*S queries over all earlier keys:
+    scale c) and the MLP scale by c; K/V projections and the LM head never skip.
+    kv_policy=routed: K/V projections also scale by c; attention scales by c^2 (c*S queries over c*S keys).
+    (facts.md's 0.797 / 0.674 for `routed` scale attention by c, not c^2, hence slightly higher.)
+
+    train=False: the forward ratio, which is also the ideal the issue sets for the router-training step.
+    train=True: a refinement for that step with a frozen base: each projection/MLP/LM-head matmul costs forward +
+    input-gradient = 2x its forward FLOPs (no weight gradients), attention costs forward + dQ, dK, dV
+    (P V and Q K^T each give two backward matmuls) = 3x. Routers and the loss are ignored.
+    """
+    c = capacity
+    attn_scale = c if kv_policy == "all" else c * c
+    kv_scale = 1.0 if kv_policy == "all" else c
+    weights = {"qo": 2, "kv": 2, "attn": 3, "mlp": 2, "head": 2} if train else dict.fromkeys(parts, 1)
+    scale = {"qo": c, "kv": kv_scale, "attn": attn_scale, "mlp": c, "head": 1.0}
+    total = sum(weights[k] * v for k, v in parts.items())
+    return sum(weights[k] * scale[k] * v for k, v in parts.items()) / total
+
+
+def flop_shares(parts: dict[str, float]) -> dict[str, float]:
+    total = sum(parts.values())
+    return {"attention_sublayer": (parts["qo"] + parts["kv"] + parts["attn"]) / total,
+            "kv_projections": parts["kv"] / total, "mlp": parts["mlp"] / total, "lm_head": parts["head"] / total}
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Models and router settings
+# ----------------------------------------------------------------------------------------------------------------
+def build_models(layers: int, seq_len: int) -> tuple[LlamaForCausalLM, LlamaForCausalLM, Shape]:
+    torch.manual_seed(0)
+    config = LlamaConfig(num_hidden_layers=layers, max_position_embeddings=max(2048, seq_len),
+                         attn_implementation="sdpa", **SMOLLM2_135M)
+    dense = LlamaForCausalLM(config).float().eval()
+    routed = copy.deepcopy(dense)
+    attach_routers(routed, RouterConfig(mode="mask", capacity=1.0, kv_policy="all"))
+    for model in (dense, routed):
+        for name, param in model.named_parameters():
+            param.requires_grad_("skipgpt_" in name)  # base frozen, routers trainable
+    shape = Shape(layers, config.hidden_size, config.num_attention_heads, config.num_key_value_heads,
+                  config.hidden_size // config.num_attention_heads, config.intermediate_size, config.vocab_size)
+    return dense, routed, shape
+
+
+def _routers(model):
+    return [m for n, m in model.named_modules() if n.endswith(("skipgpt_attn_router", "skipgpt_mlp_router"))]
+
+
+@torch.no_grad()
+def router_settings(model, ids: torch.Tensor, mask_capacity: float) -> dict[str, list[dict]]:
+    """Two router states: `capacity` (every token executes, margin ~20 +- 1) and `mask` (~mask_capacity execute).
+
+    Router inputs are captured in one all-execute forward; each router gets a random direction w scaled so the
+    per-token margin h.w has std 1 (so the token ranking for capacity slots varies along the sequence).
+    """
+    ctx = routing_context(model)
+    saved_cfg = ctx.cfg
+    ctx.cfg = RouterConfig(mode="mask", capacity=1.0, kv_policy="all")
+    routers, inputs = _routers(model), {}
+    for r in routers:
+        r.net.weight.zero_()
+        r.net.bias.copy_(torch.tensor([10.0, -10.0]))
+    hooks = [r.register_forward_hook(lambda mod, args, out: inputs.__setitem__(mod, args[0].detach()))
+             for r in routers]
+    model.eval()
+    model(input_ids=ids)
+    for h in hooks:
+        h.remove()
+    gen = torch.Generator().manual_seed(1234)
+    states = {"capacity": [], "mask": []}
+    for r in routers:
+        h = inputs[r].reshape(-1, inputs[r].shape[-1]).float()
+        w = torch.randn(h.shape[-1], generator=gen)
+        margin = h @ w
+        w = w / margin.std().clamp_min(1e-6)
+        margin = h @ w
+        weight = torch.stack([w / 2, -w / 2])
+        b = -float(torch.quantile(margin, 1.0 - mask_capacity))  # fraction mask_capacity has margin + b > 0
+        states["capacity"].append({"net.weight": weight.clone(), "net.bias": torch.tensor([10.0, -10.0])})
+        states["mask"].append({"net.weight": weight.clone(), "net.bias": torch.tensor([b / 2, -b / 2])})
+    ctx.cfg = saved_cfg
+    return states
+
+
+@torch.no_grad()
+def load_router_state(model, state: list[dict]) -> None:
+    for r, s in zip(_routers(model), state):
+        r.net.weight.copy_(s["net.weight"])
+        r.net.bias.copy_(s["net.bias"])
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Variants and measurement
+# ----------------------------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Variant:
+    name: str
+    mode: str  # dense | mask | capacity
+    capacity: float = 1.0
+    kv_policy: str = "all"
+
+
+def variants(kv_policies: list[str]) -> list[Variant]:
+    out = [Variant("dense", "dense")]
+    for kv in kv_policies:
+        out.append(Variant(f"mask/{kv}", "mask", 1.0, kv))
+        for skip in SKIPS:
+            cap = round(1.0 - skip, 4)
+            out.append(Variant(f"capacity{cap:.2f}/{kv}", "capacity", cap, kv))
+    return out
+
+
+class Bench:
+    def __init__(self, dense, routed, states, ids: torch.Tensor):
+        self.dense, self.routed, self.states, self.ids = dense, routed, states, ids
+        self.stats: dict[str, dict] = {}
+
+    def select(self, v: Variant):
+        if v.mode == "dense":
+            return self.dense
+        ctx = routing_context(self.routed)
+        ctx.cfg = RouterConfig(mode=v.mode, capacity=v.capacity, kv_policy=v.kv_policy)
+        load_router_state(self.routed, self.states["mask" if v.mode == "mask" else "capacity"])
+        return self.routed
+
+    def forward(self, v: Variant) -> None:
+        model = self.select(v)
+        model.eval()
+        with torch.inference_mode():
+            model(input_ids=self.ids)
+
+    def train_step(self, v: Variant) -> None:
+        """Router-training step: train mode (Gumbel gates), LM cross-entropy, backward into the routers only.
+
+        Dense has no trainable parameters, so its step is forward + backward of the same loss with the input
+        embeddings' output requiring grad: forward + activation-gradient backward through the frozen model,
+        which is exactly the work router training needs besides the (negligible) router weight gradients, i.e.
+        the fair baseline for router training.
+        """
+        model = self.select(v)
+        model.train()
+        model.zero_grad(set_to_none=True)
+        if v.mode == "dense":
+            embeds = model.get_input_embeddings()(self.ids).detach().requires_grad_(True)
+            loss = model(inputs_embeds=embeds, labels=self.ids).loss
+        else:
+            loss = model(input_ids=self.ids, labels=self.ids).loss
+        loss.backward()
+        model.eval()
+
+    def measure(self, v: Variant) -> dict[str, float]:
+        return {"forward": time_call(lambda: self.forward(v)), "train": time_call(lambda: self.train_step(v))}
+
+    def record_stats(self, v: Variant) -> None:
+        """Execute/overflow fractions of one eval forward and one train step (Gumbel gates)."""
+        if v.mode == "dense":
+            return
+        entry = {}
+        for phase, fn in (("eval", self.forward), ("train", self.train_step)):
+            fn(v)
+            s = routing_stats(self.routed)
+            tokens = sum(layer[k]["tokens"] for layer in s["layers"] for k in ("attn", "mlp"))
+            overflow = sum(layer[k]["overflow"] for layer in s["layers"] for k in ("attn", "mlp"))
+            entry[phase] = {"attn_execute": s["attn_execute"], "mlp_execute": s["mlp_execute"],
+                            "overflow_frac": overflow / max(tokens, 1)}
+        self.stats[v.name] = entry
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Report
+# ----------------------------------------------------------------------------------------------------------------
+def summarise(results, vs: list[Variant], parts, stats) -> list[dict]:
+    d_fwd, d_train = median(results["dense"]["forward"]), median(results["dense"]["train"])
+    rows = []
+    for v in vs:
+        fwd, train = median(results[v.name]["forward"]), median(results[v.name]["train"])
+        row = {"variant": v.name, "mode": v.mode, "capacity": v.capacity, "kv_policy": v.kv_policy,
+               "forward_ms": 1e3 * fwd, "train_ms": 1e3 * train,
+               "forward_ratio": fwd / d_fwd, "train_ratio": train / d_train,
+               # medians of the per-repeat paired ratios (each repeat's variant over that repeat's dense)
+               "forward_ratio_paired": median([a / b for a, b in zip(results[v.name]["forward"],
+                                                                     results["dense"]["forward"])]),
+               "train_ratio_paired": median([a / b for a, b in zip(results[v.name]["train"],
+                                                                   results["dense"]["train"])]),
+               "forward_ms_all": [1e3 * t for t in results[v.name]["forward"]],
+               "train_ms_all": [1e3 * t for t in results[v.name]["train"]]}
+        if v.mode == "capacity":
+            row["ideal_forward"] = ideal_ratio(parts, v.capacity, v.kv_policy)
+            row["ideal_train"] = row["ideal_forward"]
+            row["ideal_train_refined"] = ideal_ratio(parts, v.capacity, v.kv_policy, train=True)
+            row["forward_gap"] = row["forward_ratio"] - row["ideal_forward"]
+            row["train_gap"] = row["train_ratio"] - row["ideal_train"]
+            row["meets_target"] = bool(row["forward_gap"] <= TARGET_FWD and row["train_gap"] <= TARGET_TRAIN)
+        elif v.mode == "mask":
+            row["ideal_forward"] = row["ideal_train"] = 1.0
+            row["meets_target"] = bool(row["forward_ratio"] >= 1.0 and row["train_ratio"] >= 1.0)
+        else:
+            row["ideal_forward"] = row["ideal_train"] = 1.0
+        if v.name in stats:
+            row["routing"] = stats[v.name]
+        rows.append(row)
+    return rows
+
+
+def print_table(rows: list[dict]) -> None:
+    head = (f"{'variant':<20}{'fwd ms':>9}{'fwd x':>8}{'ideal':>7}{'train ms':>10}{'train x':>9}{'ideal':>7}"
+            f"{'(refined)':>10}{'exec a/m (eval)':>17}{'exec a/m (train)':>18}{'overflow':>10}  target")
+    print(head)
+    print("-" * len(head))
+    for r in rows:
+        st = r.get("routing")
+        ev = f"{st['eval']['attn_execute']:.3f}/{st['eval']['mlp_execute']:.3f}" if st else "-"
+        tr = f"{st['train']['attn_execute']:.3f}/{st['train']['mlp_execute']:.3f}" if st else "-"
+        of = f"{st['eval']['overflow_frac']:.3f}" if st else "-"
+        refined = f"{r['ideal_train_refined']:.3f}" if "ideal_train_refined" in r else "-"
+        target = {True: "ok", False: "MISS"}.get(r.get("meets_target"), "")
+        print(f"{r['variant']:<20}{r['forward_ms']:>9.1f}{r['forward_ratio']:>8.3f}{r['ideal_forward']:>7.3f}"
+              f"{r['train_ms']:>10.1f}{r['train_ratio']:>9.3f}{r['ideal_train']:>7.3f}{refined:>10}"
+              f"{ev:>17}{tr:>18}{of:>10}  {target}")
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--seq-len", type=int, default=1024)
+    p.add_argument("--batch", type=int, default=1)
+    p.add_argument("--layers", type=int, default=30)
+    p.add_argument("--kv-policy", choices=("all", "routed", "both"), default="all")
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--quick", action="store_true", help="smoke run: 4 layers, seq 256, 2 repeats")
+    args = p.parse_args(argv)
+    if args.quick:
+        args.layers, args.seq_len, args.repeats = 4, 256, 2
+    return args
+
+
+def main(argv=None) -> dict:
+    args = parse_args(argv)
+    torch.set_num_threads(args.threads)
+    kv_policies = ["all", "routed"] if args.kv_policy == "both" else [args.kv_policy]
+    dense, routed, shape = build_models(args.layers, args.seq_len)
+    ids = torch.randint(0, shape.vocab, (args.batch, args.seq_len), generator=torch.Generator().manual_seed(0))
+    states = router_settings(routed, ids, mask_capacity=1.0 - SKIPS[0])
+    bench = Bench(dense, routed, states, ids)
+    vs = variants(kv_policies)
+    by_name = {v.name: v for v in vs}
+
+    parts = flop_parts(shape, args.seq_len)
+    ref_parts = flop_parts(Shape(30, 576, 9, 3, 64, 1536, 49152), 1024)  # the facts.md sanity check
+    sanity = {f"{kv}_skip{int(100 * s)}": round(ideal_ratio(ref_parts, 1 - s, kv), 4)
+              for kv in ("all", "routed") for s in SKIPS}
+    print(f"SmolLM2-135M shape, {args.layers} layers, batch {args.batch}, seq {args.seq_len}, fp32, "
+          f"{args.threads} threads, {args.repeats} repeats (round-robin), torch {torch.__version__}")
+    print("FLOP shares at this shape/seq: " + ", ".join(f"{k} {100 * v:.1f}%" for k, v in flop_shares(parts).items()))
+    print("Ideal forward ratios for 30 layers, seq 1024 (facts.md: all 0.807 / 0.692): " +
+          ", ".join(f"{k} {v:.3f}" for k, v in sanity.items()))
+
+    for v in vs:  # warm-up (one forward + one train step each) and routing statistics
+        bench.record_stats(v)
+        bench.forward(v)
+        bench.train_step(v)
+    results = round_robin([v.name for v in vs], args.repeats, lambda name: bench.measure(by_name[name]))
+    rows = summarise(results, vs, parts, bench.stats)
+    print()
+    print_table(rows)
+    print("\nx = median time / median dense time; ideal = FLOP ratio (train ideal = forward ideal, as the issue "
+          "sets it; refined = frozen-base backward weighting). exec a/m = executed fraction attention/MLP.")
+    print(f"targets: capacity ratio <= ideal + {TARGET_FWD} (forward) / + {TARGET_TRAIN} (train); mask >= 1.0")
+    record = {"bench": "routed_forward", "layers": args.layers, "seq_len": args.seq_len, "batch": args.batch,
+              "repeats": args.repeats, "threads": args.threads, "torch": torch.__version__,
+              "flop_shares": flop_shares(parts), "sanity_ideal_30L_1024": sanity, "variants": rows}
+    print(json.dumps(record))
+    return record
+
+
+if __name__ == "__main__":
+    main()

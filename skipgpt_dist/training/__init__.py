@@ -1,0 +1,1 @@
+"""The training system: one loop over pluggable engines (single process, DeepSpeed, FSDP2)."""

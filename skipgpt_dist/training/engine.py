@@ -1,0 +1,101 @@
+"""The engine interface the one training loop drives, and the single-process engine.
+
+An engine owns the wrapped model, the optimiser and the LR schedule. DeepSpeed and FSDP2 implement the same
+methods (see deepspeed_engine.py / fsdp2_engine.py), so the loop never branches on the back end.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Callable
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from ..errors import SkipGPTError
+from .schedule import lr_factor
+
+OPTIMIZER_FILE = "optimizer.pt"
+TRAINABLE_FILE = "trainable.safetensors"
+
+
+class Engine:
+    """What the loop needs from a back end."""
+
+    name = "abstract"
+    model: torch.nn.Module
+
+    def backward(self, loss: torch.Tensor) -> None:  # loss: mean over this rank's micro-batch
+        raise NotImplementedError
+
+    def step(self) -> dict:  # clip, optimiser step, schedule step, zero grads -> {"grad_norm", "lr"}
+        raise NotImplementedError
+
+    def save(self, folder: Path) -> None:  # called on every rank
+        raise NotImplementedError
+
+    def load(self, folder: Path) -> None:  # called on every rank
+        raise NotImplementedError
+
+    def gather_params(self, predicate: Callable[[str], bool]) -> dict[str, torch.Tensor]:
+        """Full (unsharded) CPU copies of matching parameters; complete on rank 0. Called on every rank."""
+        raise NotImplementedError
+
+
+def build_optimizer(params, optim_cfg) -> torch.optim.Optimizer:
+    return torch.optim.AdamW(params, lr=optim_cfg.lr, betas=tuple(optim_cfg.betas), eps=optim_cfg.eps,
+                             weight_decay=optim_cfg.weight_decay)
+
+
+def build_scheduler(optimizer, optim_cfg) -> torch.optim.lr_scheduler.LambdaLR:
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(
+        step, optim_cfg.warmup_steps, optim_cfg.max_steps, optim_cfg.schedule, optim_cfg.min_lr_ratio))
+
+
+class LocalEngine(Engine):
+    """One process, plain PyTorch."""
+
+    name = "none"
+
+    def __init__(self, model: torch.nn.Module, cfg):
+        self.model = model
+        self.cfg = cfg
+        self.params = {name: p for name, p in model.named_parameters() if p.requires_grad}
+        if not self.params:
+            raise SkipGPTError("nothing to train: no parameter requires grad (check stage.stage and stage.lora)")
+        self.optimizer = build_optimizer(list(self.params.values()), cfg.optim)
+        self.scheduler = build_scheduler(self.optimizer, cfg.optim)
+        self.accum = cfg.optim.grad_accum_steps
+
+    def backward(self, loss):
+        (loss / self.accum).backward()
+
+    def step(self) -> dict:
+        params = list(self.params.values())
+        clip = self.cfg.optim.grad_clip
+        norm = torch.nn.utils.clip_grad_norm_(params, clip if clip > 0 else float("inf"))
+        lr = self.optimizer.param_groups[0]["lr"]
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return {"grad_norm": float(norm), "lr": lr}
+
+    def save(self, folder: Path) -> None:
+        save_file({n: p.detach().cpu().contiguous() for n, p in self.params.items()}, str(folder / TRAINABLE_FILE))
+        torch.save({"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict()},
+                   folder / OPTIMIZER_FILE)
+
+    def load(self, folder: Path) -> None:
+        weights = load_file(str(folder / TRAINABLE_FILE))
+        missing = sorted(set(self.params) - set(weights))
+        if missing:
+            raise SkipGPTError(f"checkpoint {folder} lacks {len(missing)} trainable tensors (e.g. {missing[0]}): it "
+                               "was written by another stage or model; resume with the config that wrote it")
+        with torch.no_grad():
+            for name, param in self.params.items():
+                param.copy_(weights[name])
+        state = torch.load(folder / OPTIMIZER_FILE, weights_only=True)
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+
+    def gather_params(self, predicate):
+        return {n: p.detach().cpu().clone() for n, p in self.model.named_parameters() if predicate(n)}

@@ -1,0 +1,54 @@
+"""Held-out perplexity of the routed model and, for comparison, of the same model with routers off."""
+from __future__ import annotations
+
+import math
+
+import torch
+
+from ..routing import routing_disabled, routing_stats
+from . import distributed as D
+from .losses import lm_loss
+
+
+@torch.no_grad()
+def _nll(model, sequences: torch.Tensor, micro_batch_size: int) -> torch.Tensor:
+    """[nll_sum, tokens, attn_executed, mlp_executed, routed_tokens] over this rank's share, summed over ranks.
+
+    Every rank runs the same number of forwards (sharded models need all ranks in every forward); ranks with
+    fewer real sequences run a duplicate whose contribution is zeroed.
+    """
+    rank, world = D.rank(), D.world_size()
+    share = sequences[rank::world]
+    per_rank = math.ceil(len(sequences) / world)
+    device = next(p for p in model.parameters()).device
+    totals = torch.zeros(5, dtype=torch.float64)
+    for start in range(0, per_rank, micro_batch_size):
+        rows = list(range(start, min(start + micro_batch_size, per_rank)))
+        real = torch.tensor([r < len(share) for r in rows])
+        ids = share[[min(r, len(share) - 1) for r in rows]].to(device)
+        mask = torch.ones_like(ids)
+        logits = model(input_ids=ids, attention_mask=mask).logits
+        nll = torch.nn.functional.cross_entropy(logits[:, :-1].float().transpose(1, 2), ids[:, 1:],
+                                                reduction="none").sum(dim=1).cpu()
+        tokens = (ids.shape[1] - 1) * real.sum()
+        stats = routing_stats(model)
+        seen = real.sum().item() * ids.shape[1]
+        totals += torch.tensor([float((nll * real).sum()), float(tokens), stats["attn_execute"] * seen,
+                                stats["mlp_execute"] * seen, seen], dtype=torch.float64)
+    return D.all_reduce_sum(totals)
+
+
+def evaluate(model, sequences: torch.Tensor, micro_batch_size: int) -> dict:
+    """{"ppl_routed", "ppl_dense", "attn_sparsity", "mlp_sparsity", "sparsity", "sequences"}."""
+    was_training = model.training
+    model.eval()
+    try:
+        routed = _nll(model, sequences, micro_batch_size)
+        with routing_disabled(model):
+            dense = _nll(model, sequences, micro_batch_size)
+    finally:
+        model.train(was_training)
+    attn = 1.0 - float(routed[2] / routed[4])
+    mlp = 1.0 - float(routed[3] / routed[4])
+    return {"ppl_routed": math.exp(float(routed[0] / routed[1])), "ppl_dense": math.exp(float(dense[0] / dense[1])),
+            "attn_sparsity": attn, "mlp_sparsity": mlp, "sparsity": (attn + mlp) / 2, "sequences": len(sequences)}

@@ -1,0 +1,44 @@
+"""Losses: next-token cross entropy and the SkipGPT sparsity regulariser, exact across ranks.
+
+The regulariser alpha * |T - mean(g)| is not linear in the tokens, so averaging per-rank losses would not give the
+gradient of one process on the global micro-batch. The mean is taken over the GLOBAL micro-batch (all ranks) with
+an all-reduce of the detached sums, and each rank back-propagates its linear share; the engines' gradient
+averaging over ranks then yields exactly the single-process gradient (design.md invariant 3).
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from ..routing import routing_context
+from . import distributed as D
+
+
+def lm_loss(logits: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """Mean next-token cross entropy over real target tokens."""
+    labels = input_ids[:, 1:].masked_fill(attention_mask[:, 1:] == 0, -100)
+    return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels.flatten(), ignore_index=-100)
+
+
+def global_sparsity_loss(model) -> tuple[torch.Tensor, torch.Tensor]:
+    """(surrogate to back-propagate, reported value) of alpha * |T - mean(g)| over the global micro-batch."""
+    ctx = routing_context(model)
+    cfg = ctx.cfg
+    kinds = ("attn", "mlp")
+    local_sums = torch.stack([sum(s[k]["gate_sum"] for s in ctx.stats.values()) for k in kinds])
+    local_counts = torch.stack([sum(s[k]["valid"] for s in ctx.stats.values()).float() for k in kinds])
+    totals = D.all_reduce_sum(torch.cat([local_sums.detach().float(), local_counts.to(local_sums.device)]))
+    sums, counts = totals[:2], totals[2:].clamp_min(1.0)
+    targets = torch.tensor(cfg.targets(), device=sums.device)
+    if cfg.target_sparsity_attn is not None:
+        means, weights = sums / counts, torch.full((2,), 0.5, device=sums.device)
+        value = (weights * (targets - means).abs()).sum()
+        slope = weights * torch.sign(means - targets) / counts
+    else:
+        mean = sums.sum() / counts.sum()
+        value = (targets[0] - mean).abs()
+        slope = torch.sign(mean - targets[0]).expand(2) / counts.sum()
+    # d value / d local_sums = slope; the engine averages gradients over ranks, hence * world_size.
+    surrogate = (slope.detach() * local_sums).sum() * D.world_size()
+    surrogate = surrogate - surrogate.detach() + value.detach()
+    return cfg.alpha * surrogate, cfg.alpha * value.detach()

@@ -1,0 +1,41 @@
+"""Train SkipGPT routers (stage 1) or LoRA (stage 2).
+
+    python train.py --config configs/tiny.yaml [key.sub=value ...]
+    torchrun --nproc_per_node N train.py --config ... parallel.backend=fsdp2
+    deepspeed --num_gpus N train.py --ds_config ds_configs/zero3.json --config ...
+"""
+import argparse
+import sys
+
+from skipgpt_dist.errors import run_cli
+
+
+def parse_args(argv):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", help="YAML config (see configs/); defaults are used for keys it omits")
+    parser.add_argument("--ds_config", help="DeepSpeed JSON; implies parallel.backend=deepspeed")
+    parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
+    parser.add_argument("overrides", nargs="*", help="config overrides such as optim.lr=3e-4 routers.capacity=0.75")
+    return parser.parse_args(argv)
+
+
+@run_cli
+def main(argv=None) -> int:
+    args = parse_args(sys.argv[1:] if argv is None else argv)
+    from skipgpt_dist.config import load_config
+    from skipgpt_dist.training.loop import PREEMPTED_EXIT_CODE, run
+
+    overrides = list(args.overrides)
+    if args.ds_config:
+        overrides += ["parallel.backend=deepspeed", f"parallel.ds_config={args.ds_config}"]
+    result = run(load_config(args.config, overrides))
+    if result.final_eval is not None:
+        e = result.final_eval
+        print(f"final: ppl dense {e['ppl_dense']:.2f} routed {e['ppl_routed']:.2f} "
+              f"(x{e['ppl_routed'] / e['ppl_dense']:.3f}) sparsity attn {e['attn_sparsity']:.3f} "
+              f"mlp {e['mlp_sparsity']:.3f} overall {e['sparsity']:.3f}", flush=True)
+    return PREEMPTED_EXIT_CODE if result.preempted else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
