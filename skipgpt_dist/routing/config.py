@@ -22,6 +22,8 @@ GATE_GRADS = ("executed", "dense")
 class RouterConfig:
     # Router architecture: `linear` = Linear(d, 2); `mlp` = d -> d/4 -> ReLU -> 2. Logits are [execute, skip].
     router_type: str = "linear"
+    # Scale the router's input to unit RMS (parameter-free) so one learning rate suits every layer's routers.
+    normalize_input: bool = True
     # `mask` runs everything and multiplies by the gate (reference); `capacity` really skips with static shapes;
     # `expert_choice` executes exactly the top-k tokens by router margin (non-causal, Mixture-of-Depths).
     mode: str = "capacity"

@@ -1,0 +1,38 @@
+"""Rebuild a trained routed model (routers and, after stage 2, LoRA) from a checkpoint for evaluation or use."""
+from __future__ import annotations
+
+from pathlib import Path
+
+from ..checkpoint import find_checkpoint
+from ..config import load_config
+from ..errors import SkipGPTError
+from ..routing import attach_routers, load_routers
+from .artifacts import ADAPTER_DIR, ROUTERS_FILE
+from .model_setup import load_base_model, load_tokenizer, saved_router_config
+from ..assets import resolve_model_path
+
+
+def load_checkpoint_model(path: str, mode: str | None = None, capacity: float | None = None):
+    """(model in eval mode, tokenizer, training config) from a checkpoint folder or a run folder."""
+    checkpoint = find_checkpoint(path, key="checkpoint")
+    cfg = load_config(str(checkpoint / "config.yaml"))
+    routers_file = checkpoint / ROUTERS_FILE
+    if not routers_file.is_file():
+        raise SkipGPTError(f"checkpoint {checkpoint} has no {ROUTERS_FILE}: it was not written by skipgpt-dist "
+                           "train.py")
+    model_dir = resolve_model_path(cfg.model.path)
+    tokenizer = load_tokenizer(model_dir, cfg.model.trust_remote_code)
+    model = load_base_model(model_dir, cfg.model.dtype, cfg.model.trust_remote_code)
+    router_cfg = saved_router_config(routers_file)
+    if mode is not None:
+        router_cfg.mode = mode
+    if capacity is not None:
+        router_cfg.capacity = capacity
+    attach_routers(model, router_cfg.validate())
+    load_routers(model, routers_file)
+    adapter = checkpoint / ADAPTER_DIR
+    if adapter.is_dir():
+        from peft import PeftModel
+
+        model = PeftModel.from_pretrained(model, str(adapter))
+    return model.eval(), tokenizer, cfg

@@ -1,0 +1,188 @@
+"""The training system end to end on the tiny model: stages, resume, crash safety and bad input."""
+import hashlib
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import train
+from skipgpt_dist.config import load_config
+from skipgpt_dist.training.loop import run
+
+ROOT = Path(__file__).resolve().parents[1]
+LATIN1 = "café au lait ".encode("latin-1") * 50
+
+
+@pytest.fixture(scope="module")
+def text_files(tmp_path_factory):
+    """Two plays to train on and one held out (small, so tokenising stays fast)."""
+    from skipgpt_dist.assets import shakespeare_files
+
+    plays = shakespeare_files("train")
+    return {"train": plays[:2], "eval": shakespeare_files("eval")[:1]}
+
+
+def tiny_overrides(tiny_model_dir, text_files, run_dir, *extra):
+    return [f"model.path={tiny_model_dir}", f"run_dir={run_dir}", "logging.progress=false",
+            f"data.train_files=[{','.join(text_files['train'])}]", f"data.eval_files=[{text_files['eval'][0]}]",
+            "data.seq_len=32", "data.eval_sequences=4", *extra]
+
+
+def metrics(run_dir) -> list[dict]:
+    lines = (Path(run_dir) / "metrics.jsonl").read_text().splitlines()
+    return [json.loads(line) for line in lines if "loss" in json.loads(line)]
+
+
+def run_tiny(tiny_model_dir, text_files, run_dir, *extra, config="configs/tiny.yaml"):
+    cfg = load_config(str(ROOT / config), tiny_overrides(tiny_model_dir, text_files, run_dir, *extra))
+    return run(cfg)
+
+
+@pytest.fixture(scope="module")
+def stage1_run(tiny_model_dir, text_files, tmp_path_factory):
+    run_dir = tmp_path_factory.mktemp("stage1")
+    result = run_tiny(tiny_model_dir, text_files, run_dir, "optim.lr=0.05", "optim.max_steps=30")
+    return run_dir, result
+
+
+def test_stage1_lowers_the_loss_and_moves_sparsity_to_target(stage1_run):
+    run_dir, result = stage1_run
+    rows = metrics(run_dir)
+    assert [r["step"] for r in rows] == list(range(1, 31))
+    first, last = rows[:5], rows[-5:]
+    mean = lambda rs, key: sum(r[key] for r in rs) / len(rs)
+    assert mean(last, "loss") < mean(first, "loss") - 0.3
+    start = 0.5 * (mean(first, "attn_sparsity") + mean(first, "mlp_sparsity"))
+    end = 0.5 * (mean(last, "attn_sparsity") + mean(last, "mlp_sparsity"))
+    assert abs(end - 0.25) < abs(start - 0.25) and abs(end - 0.25) < 0.07
+    assert rows[0]["temperature"] == pytest.approx(5.0) and rows[-1]["temperature"] == pytest.approx(1.0)
+    checkpoint = result.checkpoint
+    trained = load_file(str(checkpoint / "trainable.safetensors"))
+    assert trained and all("skipgpt_" in name for name in trained), "stage 1 trains routers only"
+    assert (checkpoint / "routers.safetensors").is_file() and (checkpoint / "config.yaml").is_file()
+    assert set(result.final_eval) >= {"ppl_routed", "ppl_dense", "attn_sparsity", "mlp_sparsity"}
+
+
+def test_stage2_trains_only_lora_from_the_stage1_checkpoint(stage1_run, tiny_model_dir, text_files, tmp_path):
+    stage1_dir, stage1 = stage1_run
+    result = run_tiny(tiny_model_dir, text_files, tmp_path / "s2", f"stage.init_from={stage1_dir}",
+                      "optim.max_steps=6", "optim.lr=5e-3", config="configs/tiny_stage2.yaml")
+    trained = load_file(str(result.checkpoint / "trainable.safetensors"))
+    assert trained and all("lora_" in name for name in trained), sorted(trained)[:3]
+    assert any(name.endswith("lora_B.default.weight") and tensor.abs().sum() > 0 for name, tensor in trained.items())
+    routers_before = load_file(str(stage1.checkpoint / "routers.safetensors"))
+    routers_after = load_file(str(result.checkpoint / "routers.safetensors"))
+    assert routers_before.keys() == routers_after.keys()
+    assert all(torch.equal(routers_before[k], routers_after[k]) for k in routers_before), "routers stay frozen"
+    assert (result.checkpoint / "adapter" / "adapter_config.json").is_file()
+    assert all(r["sparsity_loss"] == 0 for r in metrics(tmp_path / "s2"))
+
+
+@pytest.mark.parametrize("stage", [1, 2])
+def test_resume_gives_the_trajectory_of_a_run_never_stopped(stage, stage1_run, tiny_model_dir, text_files,
+                                                            tmp_path):
+    extra = ["optim.max_steps=10", "checkpoint.every_steps=4", "optim.lr=0.02"]
+    config = "configs/tiny.yaml"
+    if stage == 2:
+        extra += [f"stage.init_from={stage1_run[0]}"]
+        config = "configs/tiny_stage2.yaml"
+    run_tiny(tiny_model_dir, text_files, tmp_path / "whole", *extra, config=config)
+    stopped = run_tiny(tiny_model_dir, text_files, tmp_path / "split", *extra, "optim.stop_at_step=6",
+                       config=config)
+    assert stopped.step == 6 and stopped.final_eval is None
+    resumed = run_tiny(tiny_model_dir, text_files, tmp_path / "split", *extra, config=config)
+    assert resumed.step == 10
+    whole, split = metrics(tmp_path / "whole"), metrics(tmp_path / "split")
+    assert [r["step"] for r in split] == list(range(1, 11))
+    for a, b in zip(whole, split):
+        assert a["loss"] == pytest.approx(b["loss"], abs=1e-6)
+        assert a["attn_sparsity"] == pytest.approx(b["attn_sparsity"], abs=1e-9)
+
+
+def tree_digest(folder: Path) -> dict:
+    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def test_kill_inside_a_save_keeps_the_previous_checkpoint(tiny_model_dir, text_files, tmp_path):
+    run_dir = tmp_path / "run"
+    args = [sys.executable, str(ROOT / "train.py"), "--config", str(ROOT / "configs/tiny.yaml"),
+            *tiny_overrides(tiny_model_dir, text_files, run_dir, "optim.max_steps=12", "checkpoint.every_steps=4")]
+    env = {**os.environ, "SKIPGPT_FAULT": "kill_in_save@8", "OMP_NUM_THREADS": "1"}
+    killed = subprocess.run(args, env=env, capture_output=True, text=True, timeout=300)
+    assert killed.returncode == -9, killed.stderr[-2000:]
+    checkpoints = run_dir / "checkpoints"
+    assert (checkpoints / "step_00000004" / "trainer_state.json").is_file()
+    assert not (checkpoints / "step_00000008").exists()
+    assert any(p.name.startswith(".tmp") for p in checkpoints.iterdir()), "the kill left a partial write"
+    env.pop("SKIPGPT_FAULT")
+    finished = subprocess.run(args, env=env, capture_output=True, text=True, timeout=300)
+    assert finished.returncode == 0, finished.stderr[-2000:]
+    assert "resumed from" in finished.stderr and "step_00000004" in finished.stderr
+    assert not any(p.name.startswith(".tmp") for p in checkpoints.iterdir())
+    assert [r["step"] for r in metrics(run_dir)][-1] == 12
+
+
+# ---- bad input: one line naming the fix, exit 2, nothing touched -------------------------------------------
+
+def write(path: Path, data: bytes) -> str:
+    path.write_bytes(data)
+    return str(path)
+
+
+def bad_cases(tmp_path, tiny_model_dir, text_files):
+    other_model = tmp_path / "other_model"
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    LlamaForCausalLM(LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                                 vocab_size=600)).save_pretrained(other_model)
+    AutoTokenizer.from_pretrained(tiny_model_dir).save_pretrained(other_model)
+    not_a_model = tmp_path / "not_a_model"
+    not_a_model.mkdir()
+    (not_a_model / "config.json").write_text("{\"hello\": 1}")
+    return {
+        "missing config": (["--config", str(tmp_path / "nope.yaml")], "not found"),
+        "malformed config": (["--config", write(tmp_path / "bad.yaml", b"optim: [1, 2\n")], "line"),
+        "unknown key": (["optim.learning_rate=1"], "valid keys of optim"),
+        "model path not a model": ([f"model.path={not_a_model}"], "model.path"),
+        "model folder missing": ([f"model.path={tmp_path / 'nowhere'}"], "model.path"),
+        "empty data": ([f"data.train_files=[{write(tmp_path / 'empty.txt', b'')}]"], "empty"),
+        "not utf-8": ([f"data.train_files=[{write(tmp_path / 'latin.txt', LATIN1)}]"], "UTF-8"),
+        "shorter than a sequence": ([f"data.train_files=[{write(tmp_path / 'short.txt', b'to be')}]"],
+                                    "data.seq_len"),
+        "stage 2 without stage 1": (["stage.stage=2", f"stage.init_from={tmp_path / 'no_stage1'}"],
+                                    "stage.init_from"),
+        "stage 2 from another model": (["stage.stage=2", f"stage.init_from={tmp_path / 'other_run'}"],
+                                       "this model has"),
+    }, other_model
+
+
+def test_bad_input_is_one_line_and_touches_nothing(stage1_run, tiny_model_dir, text_files, tmp_path, capsys):
+    cases, other_model = bad_cases(tmp_path, tiny_model_dir, text_files)
+    # A stage-1 run of another model, for the "stage 2 from another model" case.
+    run_tiny(other_model, text_files, tmp_path / "other_run", "optim.max_steps=1", "data.eval_files=[]")
+    existing = stage1_run[0]
+    before = tree_digest(existing)
+    capsys.readouterr()
+    for name, (args, needle) in cases.items():
+        base = ["--config", str(ROOT / "configs/tiny.yaml")] if args[0] != "--config" else []
+        argv = base + tiny_overrides(tiny_model_dir, text_files, existing) + args  # later overrides win
+        with pytest.raises(SystemExit) as exit_info:
+            train.main(argv)
+        err = capsys.readouterr().err.strip().splitlines()
+        assert exit_info.value.code == 2, name
+        assert err and err[-1].startswith("error: ") and needle in err[-1], (name, err[-3:])
+        assert "Traceback" not in "\n".join(err), name
+    assert tree_digest(existing) == before, "a failed run must not touch an existing run folder"
+
+
+def test_cli_error_is_a_single_line_without_traceback(tmp_path):
+    proc = subprocess.run([sys.executable, str(ROOT / "train.py"), "--config", str(tmp_path / "missing.yaml")],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().count("\n") == 0 and proc.stderr.startswith("error: ")
