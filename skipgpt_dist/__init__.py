@@ -1,5 +1,6 @@
 """skipgpt-dist: distributed SkipGPT training (routers + LoRA) with real compute skipping."""
 from .errors import SkipGPTError
+from .inference import load_routed_model  # noqa: F401  (lazy: imports transformers only when called)
 from .routing import (RouterConfig, attach_routers, count_router_parameters, load_routers, router_parameters,
                       routing_context, routing_disabled, routing_stats, save_routers, set_temperature,
                       sparsity_loss)
