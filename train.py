@@ -5,14 +5,19 @@
     deepspeed --num_gpus N train.py --ds_config ds_configs/zero3.json --config ...
 """
 import argparse
+import os
 import sys
 
 from skipgpt_dist.errors import run_cli
 
+# The embedded default: SmolLM2-135M routers on Shakespeare, a few minutes on CPU.
+DEFAULT_CONFIG = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs", "smollm2_stage1.yaml")
+
 
 def parse_args(argv):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", help="YAML config (see configs/); defaults are used for keys it omits")
+    parser.add_argument("--config", default=DEFAULT_CONFIG,
+                        help="YAML config (see configs/; default: the SmolLM2-135M demo, configs/smollm2_stage1.yaml)")
     parser.add_argument("--ds_config", help="DeepSpeed JSON; implies parallel.backend=deepspeed")
     parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     parser.add_argument("overrides", nargs="*", help="config overrides such as optim.lr=3e-4 routers.capacity=0.75")
@@ -29,7 +34,9 @@ def main(argv=None) -> int:
     if args.ds_config:
         overrides += ["parallel.backend=deepspeed", f"parallel.ds_config={args.ds_config}"]
     result = run(load_config(args.config, overrides))
-    if result.final_eval is not None:
+    from skipgpt_dist.training.distributed import is_main
+
+    if result.final_eval is not None and is_main():
         e = result.final_eval
         print(f"final: ppl dense {e['ppl_dense']:.2f} routed {e['ppl_routed']:.2f} "
               f"(x{e['ppl_routed'] / e['ppl_dense']:.3f}) sparsity attn {e['attn_sparsity']:.3f} "

@@ -25,7 +25,8 @@ def _nll(model, sequences: torch.Tensor, micro_batch_size: int) -> torch.Tensor:
     for start in range(0, per_rank, micro_batch_size):
         rows = list(range(start, min(start + micro_batch_size, per_rank)))
         real = torch.tensor([r < len(share) for r in rows])
-        ids = share[[min(r, len(share) - 1) for r in rows]].to(device)
+        pool = share if len(share) else sequences[:1]  # more ranks than sequences: this rank runs duplicates only
+        ids = pool[[min(r, len(pool) - 1) for r in rows]].to(device)
         mask = torch.ones_like(ids)
         logits = model(input_ids=ids, attention_mask=mask).logits
         nll = torch.nn.functional.cross_entropy(logits[:, :-1].float().transpose(1, 2), ids[:, 1:],

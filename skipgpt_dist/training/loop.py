@@ -20,7 +20,7 @@ from ..errors import SkipGPTError
 from ..routing import routing_context, routing_stats, set_temperature
 from . import distributed as D
 from .artifacts import export_artifacts
-from .backends import make_engine, setup_distributed
+from .backends import base_loader, make_engine, setup_distributed
 from .evaluate import evaluate
 from .losses import global_sparsity_loss, lm_loss
 from .model_setup import build_model, describe_trainable
@@ -140,11 +140,13 @@ def resume(ckpts, engine, cfg, batches) -> int:
     if state.get("stage") not in (None, cfg.stage.stage):
         raise SkipGPTError(f"checkpoint {path} is from stage {state.get('stage')}, this run is stage "
                            f"{cfg.stage.stage}: use another run_dir or checkpoint.resume=never")
-    if state.get("backend", cfg.parallel.backend) != cfg.parallel.backend and "deepspeed" in (
-            state.get("backend"), cfg.parallel.backend):
-        raise SkipGPTError(f"checkpoint {path} was written by parallel.backend={state.get('backend')}, this run "
-                           f"uses {cfg.parallel.backend}: resume with the same back end, or export it with "
-                           "tools/consolidate.py")
+    written = state.get("backend", cfg.parallel.backend)
+    if written != cfg.parallel.backend:  # each back end has its own checkpoint format (DeepSpeed, DCP, safetensors)
+        ranks = {"deepspeed": f" on {state.get('world_size')} ranks", "fsdp2": " (any number of ranks)"}
+        raise SkipGPTError(f"checkpoint {path} was written by parallel.backend={written}, this run uses "
+                           f"{cfg.parallel.backend}: resume it with parallel.backend={written}"
+                           f"{ranks.get(written, '')}, export it with tools/consolidate.py, or start fresh with "
+                           "checkpoint.resume=never")
     engine.load(path)
     batches.load_state_dict(state["data_position"])
     ckpts.restore_rng(path, D.rank())
@@ -156,7 +158,7 @@ def run(cfg) -> RunResult:
     """Train one stage as configured. Every input is checked before the run folder is touched."""
     setup_distributed(cfg)
     seed_everything(cfg.seed)
-    model, tokenizer, model_dir = build_model(cfg)
+    model, tokenizer, model_dir = build_model(cfg, load_base=base_loader(cfg))
     batches, held_out = build_data(cfg, tokenizer)
     engine = make_engine(cfg, model)
     ckpts = CheckpointManager(cfg.run_dir, cfg.checkpoint.keep_last)

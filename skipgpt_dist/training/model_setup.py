@@ -100,12 +100,18 @@ def apply_lora(model, lora_cfg):
                            "gate_proj") from err
 
 
-def build_model(cfg):
-    """(model, tokenizer, model_dir) for a config, with every input checked before anything is written."""
+def build_model(cfg, load_base=None):
+    """(model, tokenizer, model_dir) for a config, with every input checked before anything is written.
+
+    `load_base(model_dir, dtype, trust_remote_code)` replaces load_base_model (backends.base_loader: FSDP2 builds
+    on the meta device). Loading must not draw from the global RNG, so routers and LoRA start from the same values
+    whatever the back end (ZeRO-3's zero.Init initialises weights before loading them).
+    """
     model_dir = resolve_model_path(cfg.model.path)
     routers_file = stage1_routers_file(cfg.stage.init_from) if cfg.stage.stage == 2 else None
     tokenizer = load_tokenizer(model_dir, cfg.model.trust_remote_code)
-    model = load_base_model(model_dir, cfg.model.dtype, cfg.model.trust_remote_code)
+    with torch.random.fork_rng(devices=[]):
+        model = (load_base or load_base_model)(model_dir, cfg.model.dtype, cfg.model.trust_remote_code)
     model.config.use_cache = False
     return prepare_model(model, cfg, routers_file), tokenizer, model_dir
 

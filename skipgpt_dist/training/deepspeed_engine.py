@@ -1,0 +1,307 @@
+"""DeepSpeed ZeRO back end (parallel.backend=deepspeed).
+
+    setup(cfg)                      # before build_model: process group, resolved ds_config, HfDeepSpeedConfig (ZeRO-3)
+    engine = DeepSpeedEngine(model, cfg)     # one function builds it: build_deepspeed(model, cfg)
+
+The ds_config JSON is the user's (parallel.ds_config, or the built-in ZeRO-2 default). Its `auto` values are filled
+from the project config, and an explicit value that contradicts the project config is an error naming both, so the
+batch layout, the optimiser and clipping have one source of truth. The optimiser is an AdamW built by DeepSpeed
+(`torch_adam: true`: no JIT-compiled kernels); the LR schedule is ours (engine.build_scheduler), handed to
+deepspeed.initialize so DeepSpeed steps and checkpoints it. A ds_config `scheduler` section is refused.
+
+ZeRO-3 partitions weights as they load: setup() keeps an HfDeepSpeedConfig alive, so the `from_pretrained` in
+model_setup.build_model (run on every rank; it runs collectives) builds the model under deepspeed.zero.Init.
+
+Gradients: the loop calls backward(loss) once per micro-batch with this rank's mean loss, then step() once.
+DeepSpeed divides the loss by gradient_accumulation_steps and averages gradients over ranks, so the update equals
+one process on the global batch. Between micro-batches DeepSpeed's own step() is called off the accumulation
+boundary (it only counts micro-steps there), which keeps its boundary bookkeeping aligned with ours.
+
+Checkpoints are DeepSpeed's own (save_checkpoint / load_checkpoint, trainable parameters only, frozen base weights
+come from model.path again); they resume only on the same number of ranks and ZeRO stage.
+"""
+from __future__ import annotations
+
+import copy
+import json
+import math
+import os
+from pathlib import Path
+
+import torch
+
+from ..errors import SkipGPTError
+from . import distributed as D
+from .engine import Engine, build_scheduler
+
+CKPT_DIR = "deepspeed"
+CKPT_TAG = "state"
+LAYOUT_FILE = "skipgpt_layout.json"
+
+# The built-in config (parallel.ds_config: null): ZeRO-2, everything from the project config.
+DEFAULT_DS_CONFIG = {
+    "train_batch_size": "auto",
+    "train_micro_batch_size_per_gpu": "auto",
+    "gradient_accumulation_steps": "auto",
+    "gradient_clipping": "auto",
+    "bf16": {"enabled": "auto"},
+    "optimizer": {"type": "AdamW", "params": {"lr": "auto", "betas": "auto", "eps": "auto",
+                                              "weight_decay": "auto", "torch_adam": True}},
+    "zero_optimization": {"stage": 2},
+}
+
+_STATE: dict = {}  # the HfDeepSpeedConfig that must stay alive while ZeRO-3 models load
+
+
+def require_deepspeed():
+    try:
+        import deepspeed  # noqa: F401
+    except ImportError as err:
+        raise SkipGPTError(f"parallel.backend=deepspeed but deepspeed is not importable ({err}): "
+                           "pip install deepspeed (or use parallel.backend=fsdp2)") from None
+    return deepspeed
+
+
+# ---------------------------------------------------------------- ds_config: read, fill `auto`, check
+
+
+def read_ds_config(path) -> dict:
+    if path is None:
+        return copy.deepcopy(DEFAULT_DS_CONFIG)
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise SkipGPTError(f"parallel.ds_config={path} does not exist: give a DeepSpeed JSON file, e.g. "
+                           "ds_configs/zero2.json or ds_configs/zero3.json") from None
+    except (OSError, UnicodeDecodeError) as err:
+        raise SkipGPTError(f"parallel.ds_config={path} cannot be read ({type(err).__name__}: {err}): "
+                           "give a readable DeepSpeed JSON file") from None
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as err:
+        raise SkipGPTError(f"parallel.ds_config={path} is not valid JSON (line {err.lineno}: {err.msg}): "
+                           "fix the syntax (JSON has no comments or trailing commas)") from None
+    if not isinstance(data, dict):
+        raise SkipGPTError(f"parallel.ds_config={path} must hold a JSON object, not a {type(data).__name__}")
+    return data
+
+
+def _same(a, b) -> bool:
+    if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)):
+        return len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b))
+    if isinstance(a, bool) or isinstance(b, bool):
+        return a is b
+    if isinstance(a, (int, float)) and isinstance(b, (int, float)):
+        return math.isclose(a, b, rel_tol=1e-9, abs_tol=0.0)
+    return a == b
+
+
+def _fill(section: dict, key: str, value, ours: str, where: str) -> None:
+    """section[key] = value if absent or "auto"; an explicit different value is an error naming both."""
+    current = section.get(key, "auto")
+    if current == "auto":
+        section[key] = value
+    elif not _same(current, value):
+        shown = json.dumps(current) if not isinstance(current, str) else current
+        raise SkipGPTError(f"ds_config {where}{key}={shown} contradicts {ours}={_show(value)}: set one of them to "
+                           'match or use "auto"')
+
+
+def _show(value) -> str:
+    return json.dumps(list(value)) if isinstance(value, tuple) else json.dumps(value)
+
+
+def resolve_ds_config(cfg, world_size: int) -> dict:
+    """The ds_config with every `auto` filled from cfg; contradictions and unsupported sections are errors."""
+    ds = read_ds_config(cfg.parallel.ds_config)
+    o = cfg.optim
+    _fill(ds, "train_micro_batch_size_per_gpu", o.micro_batch_size, "optim.micro_batch_size", "")
+    _fill(ds, "gradient_accumulation_steps", o.grad_accum_steps, "optim.grad_accum_steps", "")
+    _fill(ds, "train_batch_size", o.micro_batch_size * o.grad_accum_steps * world_size,
+          f"optim.micro_batch_size x optim.grad_accum_steps x world size ({o.micro_batch_size} x "
+          f"{o.grad_accum_steps} x {world_size})", "")
+    _fill(ds, "gradient_clipping", float(o.grad_clip), "optim.grad_clip", "")
+    bf16 = ds.setdefault("bf16", {})
+    if not isinstance(bf16, dict):
+        raise SkipGPTError('ds_config bf16 must be an object such as {"enabled": "auto"}')
+    _fill(bf16, "enabled", cfg.parallel.mixed_precision == "bf16", "(parallel.mixed_precision == bf16)", "bf16.")
+    if (ds.get("fp16") or {}).get("enabled") in (True, "auto"):
+        raise SkipGPTError("ds_config fp16.enabled is not supported (no loss scaling in this project): remove the "
+                           "fp16 section and use parallel.mixed_precision=bf16")
+    if "scheduler" in ds:
+        raise SkipGPTError("ds_config has a scheduler section: remove it; the LR schedule comes from optim.schedule, "
+                           "optim.warmup_steps and optim.min_lr_ratio, shared by every back end")
+    _fill_optimizer(ds, o)
+    zero = ds.setdefault("zero_optimization", {})
+    if not isinstance(zero, dict) or zero.get("stage", 0) not in (0, 1, 2, 3):
+        raise SkipGPTError("ds_config zero_optimization.stage must be 0, 1, 2 or 3")
+    ds.setdefault("steps_per_print", 10 ** 9)  # the loop reports; keep DeepSpeed's own step log quiet
+    ds.setdefault("wall_clock_breakdown", False)
+    return ds
+
+
+def _fill_optimizer(ds: dict, o) -> None:
+    opt = ds.setdefault("optimizer", {"type": "AdamW", "params": {}})
+    if not isinstance(opt, dict) or str(opt.get("type", "AdamW")).lower() != "adamw":
+        raise SkipGPTError(f"ds_config optimizer.type={opt.get('type') if isinstance(opt, dict) else opt} is not "
+                           "supported: use AdamW (every back end trains with the same AdamW)")
+    opt["type"] = "AdamW"
+    params = opt.setdefault("params", {})
+    for key, value, ours in (("lr", o.lr, "optim.lr"), ("betas", list(o.betas), "optim.betas"),
+                             ("eps", o.eps, "optim.eps"), ("weight_decay", o.weight_decay, "optim.weight_decay")):
+        _fill(params, key, value, ours, "optimizer.params.")
+    if params.setdefault("torch_adam", True) is not True:
+        raise SkipGPTError("ds_config optimizer.params.torch_adam must be true: DeepSpeed's fused/CPU Adam kernels "
+                           "are JIT-compiled (minutes) and not needed here")
+
+
+def zero_stage(ds_config: dict) -> int:
+    return int(ds_config.get("zero_optimization", {}).get("stage", 0))
+
+
+# ---------------------------------------------------------------- process group and ZeRO-3 loading
+
+
+def _single_process_env() -> None:
+    """`python train.py --ds_config ...` without a launcher: a 1-rank group (no MPI discovery)."""
+    if "WORLD_SIZE" in os.environ:
+        return
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    for key, value in (("RANK", "0"), ("LOCAL_RANK", "0"), ("WORLD_SIZE", "1"), ("MASTER_ADDR", "127.0.0.1"),
+                       ("MASTER_PORT", str(port))):
+        os.environ.setdefault(key, value)
+
+
+def setup(cfg) -> None:
+    """Before the model is built: check the config, start the process group, arm ZeRO-3 partitioned loading."""
+    from .backends import launched_world_size
+
+    if not torch.cuda.is_available():
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    ds_config = resolve_ds_config(cfg, launched_world_size())  # fails fast, before any process group
+    deepspeed = require_deepspeed()
+    _single_process_env()
+    if not torch.cuda.is_available():
+        # facts.md: init_distributed JIT-compiles the shared-memory comm op (~2 min) unless told it is unavailable.
+        deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+    if torch.cuda.is_available():
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+    if not D.is_distributed():
+        deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo",
+                                   auto_mpi_discovery=False, verbose=False)
+    _STATE.pop("hf_ds_config", None)
+    if zero_stage(ds_config) == 3:
+        from transformers.integrations.deepspeed import HfDeepSpeedConfig
+
+        _STATE["hf_ds_config"] = HfDeepSpeedConfig(ds_config)  # must stay alive while from_pretrained runs
+
+
+# ---------------------------------------------------------------- the engine
+
+
+def build_deepspeed(model, cfg):
+    """(deepspeed engine, optimizer, lr scheduler, ds_config): the one place a DeepSpeed engine is built."""
+    from .backends import enable_activation_checkpointing
+
+    deepspeed = require_deepspeed()
+    ds_config = resolve_ds_config(cfg, D.world_size())
+    if cfg.parallel.activation_checkpointing:
+        enable_activation_checkpointing(model)
+    params = [p for p in model.parameters() if p.requires_grad]
+    if not params:
+        raise SkipGPTError("nothing to train: no parameter requires grad (check stage.stage and stage.lora)")
+    ds_engine, optimizer, _, scheduler = deepspeed.initialize(
+        model=model, model_parameters=params, config=ds_config, dist_init_required=False,
+        lr_scheduler=lambda opt: build_scheduler(opt, cfg.optim))
+    return ds_engine, optimizer, scheduler, ds_config
+
+
+class DeepSpeedEngine(Engine):
+    name = "deepspeed"
+
+    def __init__(self, model, cfg):
+        self.cfg = cfg
+        self.model, self.optimizer, self.scheduler, self.ds_config = build_deepspeed(model, cfg)
+        self.stage = zero_stage(self.ds_config)
+        self.accum = cfg.optim.grad_accum_steps
+        self._micro = 0
+        from .backends import report_held_parameters
+
+        report_held_parameters(self)
+
+    def backward(self, loss):
+        self.model.backward(loss)  # DeepSpeed scales by 1/gradient_accumulation_steps
+        self._micro += 1
+        if self._micro < self.accum:
+            self.model.step()  # off the boundary: DeepSpeed only advances its micro-step counter
+
+    def step(self) -> dict:
+        if self._micro != self.accum or not self.model.is_gradient_accumulation_boundary():
+            raise RuntimeError(f"DeepSpeedEngine.step after {self._micro} backward calls, expected {self.accum}")
+        lr = self.optimizer.param_groups[0]["lr"]
+        self.model.step()  # clip, optimiser step, our LambdaLR step, zero grads
+        self._micro = 0
+        norm = self.model.get_global_grad_norm()
+        norm = float(norm) if norm is not None else float("nan")
+        return {"grad_norm": norm, "lr": lr}
+
+    # ------------------------------------------------------------ checkpoints
+
+    def save(self, folder: Path) -> None:
+        target = Path(folder) / CKPT_DIR
+        self.model.save_checkpoint(str(target), tag=CKPT_TAG, exclude_frozen_parameters=True)
+        if D.is_main():
+            (target / LAYOUT_FILE).write_text(json.dumps({"world_size": D.world_size(), "zero_stage": self.stage}))
+
+    def load(self, folder: Path) -> None:
+        target = Path(folder) / CKPT_DIR
+        try:
+            layout = json.loads((target / LAYOUT_FILE).read_text())
+        except (OSError, ValueError):
+            raise SkipGPTError(f"checkpoint {folder} has no DeepSpeed state ({CKPT_DIR}/{LAYOUT_FILE}): it was "
+                               "not written by parallel.backend=deepspeed; resume with the back end that wrote it") from None
+        if layout["zero_stage"] != self.stage or layout["world_size"] != D.world_size():
+            raise SkipGPTError(f"checkpoint {folder} was written by ZeRO-{layout['zero_stage']} on "
+                               f"{layout['world_size']} ranks, this run is ZeRO-{self.stage} on {D.world_size()}: "
+                               "DeepSpeed checkpoints resume only with the same ds_config stage and number of ranks")
+        path, _ = self.model.load_checkpoint(str(target), tag=CKPT_TAG, load_module_strict=False,
+                                             load_optimizer_states=True, load_lr_scheduler_states=True)
+        if path is None:
+            raise SkipGPTError(f"DeepSpeed could not load the checkpoint in {target}: it is incomplete; resume from "
+                               "another one (checkpoint.resume=auto picks the newest complete one)")
+
+    # ------------------------------------------------------------ parameters
+
+    def gather_params(self, predicate):
+        """Full CPU copies; trainable ones from the fp32 master weights. Collective: every rank calls it."""
+        from deepspeed.utils import safe_get_full_fp32_param
+
+        named = [(n, p) for n, p in self.model.module.named_parameters() if predicate(n)]
+        out = {}
+        for name, param in named:
+            full = safe_get_full_fp32_param(param) if param.requires_grad else None
+            if full is not None:
+                out[name] = full.detach().cpu().clone()
+        rest = [(n, p) for n, p in named if n not in out]
+        if self.stage == 3 and rest:
+            import deepspeed
+
+            with deepspeed.zero.GatheredParameters([p for _, p in rest], modifier_rank=None):
+                out.update({n: p.detach().cpu().clone() for n, p in rest})
+        else:
+            out.update({n: p.detach().cpu().clone() for n, p in rest})
+        return out
+
+    def held_parameter_elements(self) -> int:
+        """Parameter elements this rank stores: ZeRO-3 partitions plus any full copies it keeps (persistent small
+        parameters under stage3_param_persistence_threshold); ZeRO-1/2: full replicas."""
+        return sum(p.ds_tensor.numel() + p.data.numel() if hasattr(p, "ds_tensor") else p.numel()
+                   for p in self.model.parameters())
+
+    def total_parameter_elements(self) -> int:
+        return sum(p.ds_numel if hasattr(p, "ds_numel") else p.numel() for p in self.model.parameters())
+

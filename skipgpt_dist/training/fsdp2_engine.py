@@ -1,0 +1,349 @@
+"""FSDP2 back end (parallel.backend=fsdp2): `fully_shard` per decoder layer, then the root.
+
+    setup(cfg)                                   # process group (gloo on CPU, nccl on GPU) + 1-D device mesh
+    build_model(cfg, load_base=load_base_on_meta)   # model_setup: architecture on meta, weights not read yet
+    engine = FSDP2Engine(model, cfg)             # apply_fsdp2: AC, fully_shard, then load weights into the shards
+
+Loading: the HF architecture is built with its parameters on the meta device (buffers real, e.g. RoPE inv_freq),
+then each meta parameter becomes a zero-stride CPU placeholder (one element of storage) so routers and LoRA attach
+exactly as in a normal build (same devices, same RNG draws, so the trainable initial values equal the one-process
+run). fully_shard allocates only this rank's shard of each parameter; then every safetensors file of model.path
+is read in turn and each tensor is copied into the local shard (distribute_tensor with no communication: every
+rank slices its own rows). Every placeholder must be filled and no parameter may be left on meta.
+
+Gradients: backward(loss / grad_accum_steps) per micro-batch; FSDP2 reduce-scatters with the mean over ranks (only
+on the last micro-batch of a step), so the update equals one process on the global batch. Clipping uses the global
+norm over the sharded gradients.
+
+Checkpoints: torch.distributed.checkpoint (DCP) of the trainable parameters and their optimiser state
+(get_state_dict / set_state_dict; the frozen base comes from model.path again) plus the LR schedule in a small
+JSON. DCP reshards on load, so a checkpoint resumes on any number of ranks, including one process
+(`python train.py ... parallel.backend=fsdp2` starts a 1-rank group by itself).
+"""
+from __future__ import annotations
+
+import functools
+import json
+import os
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from ..errors import SkipGPTError
+from . import distributed as D
+from .engine import Engine, build_optimizer, build_scheduler
+
+DCP_DIR = "dcp"
+SCHEDULER_FILE = "scheduler.json"
+_STATE: dict = {}
+
+
+# ---------------------------------------------------------------- process group
+
+
+def setup(cfg) -> None:
+    cuda = torch.cuda.is_available()
+    if cuda:
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+    if not D.is_distributed():
+        backend = "nccl" if cuda else "gloo"
+        if "WORLD_SIZE" not in os.environ:  # plain `python train.py`: a 1-rank group, no rendezvous needed
+            dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
+        else:
+            dist.init_process_group(backend)
+    from torch.distributed.device_mesh import init_device_mesh
+
+    _STATE["mesh"] = init_device_mesh("cuda" if cuda else "cpu", (dist.get_world_size(),))
+
+
+def device_mesh():
+    if "mesh" not in _STATE:
+        raise RuntimeError("fsdp2_engine.setup(cfg) must run before the engine is built")
+    return _STATE["mesh"]
+
+
+# ---------------------------------------------------------------- meta-device build
+
+
+def load_base_on_meta(model_dir: str, dtype: str, trust_remote_code: bool):
+    """The HF model with placeholder weights (read later, shard by shard, by apply_fsdp2)."""
+    from accelerate import init_empty_weights
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from .model_setup import DTYPES
+
+    files = weight_files(model_dir)
+    try:
+        config = AutoConfig.from_pretrained(model_dir, trust_remote_code=trust_remote_code)
+    except Exception as err:
+        raise SkipGPTError(f"model.path={model_dir}: config.json is not a Hugging Face model config "
+                           f"({type(err).__name__}): point model.path at a folder saved with save_pretrained") from err
+    with init_empty_weights(include_buffers=False):
+        model = AutoModelForCausalLM.from_config(config, dtype=DTYPES[dtype], trust_remote_code=trust_remote_code)
+    model.tie_weights()  # init_empty_weights re-wraps every registered parameter, which unties tied embeddings
+    aliases = to_placeholders(model)
+    model._skipgpt_deferred = {"dir": model_dir, "files": files, "aliases": aliases}
+    return model
+
+
+def weight_files(model_dir: str) -> list[str]:
+    folder = Path(model_dir)
+    index = folder / "model.safetensors.index.json"
+    if index.is_file():
+        names = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+    else:
+        names = sorted(p.name for p in folder.glob("*.safetensors"))
+    if not names:
+        raise SkipGPTError(f"model.path={model_dir} has no .safetensors weights: FSDP2 loads safetensors shard by "
+                           "shard; re-save the model with save_pretrained(safe_serialization=True)")
+    return [str(folder / n) for n in names]
+
+
+def _is_placeholder(t: torch.Tensor) -> bool:
+    return t.dim() > 0 and t.numel() > 1 and all(s == 0 for s in t.stride())
+
+
+def to_placeholders(model: nn.Module) -> list[list[str]]:
+    """Meta parameters -> frozen zero-stride CPU tensors (tied weights stay tied). Returns each placeholder's
+    names (aliases of one tensor, e.g. tied embeddings) relative to the HF model: the safetensors keys."""
+    names_of: dict[int, list[str]] = {}
+    for name, param in model.named_parameters(remove_duplicate=False):
+        if param.is_meta:
+            names_of.setdefault(id(param), []).append(name)
+    new: dict[int, nn.Parameter] = {}
+    for module in model.modules():
+        for key, param in list(module._parameters.items()):
+            if param is not None and param.is_meta:
+                if id(param) not in new:
+                    data = torch.zeros((), dtype=param.dtype).expand(param.shape)
+                    new[id(param)] = nn.Parameter(data, requires_grad=False)
+                module._parameters[key] = new[id(param)]
+    return list(names_of.values())
+
+
+def placeholders_to_meta(model: nn.Module) -> None:
+    new: dict[int, nn.Parameter] = {}
+    for module in model.modules():
+        for key, param in list(module._parameters.items()):
+            if param is not None and _is_placeholder(param):
+                if id(param) not in new:
+                    new[id(param)] = nn.Parameter(torch.empty(param.shape, dtype=param.dtype, device="meta"),
+                                                  requires_grad=False)
+                module._parameters[key] = new[id(param)]
+
+
+def materialize(model: nn.Module, device: str) -> None:
+    """to_empty on the sharded model (allocates this rank's shards), keeping what was already real: the
+    routers / LoRA (their initial values) and the buffers (e.g. RoPE inv_freq)."""
+    from torch.distributed.tensor import DTensor
+
+    def local(t):
+        return t.to_local() if isinstance(t, DTensor) else t
+
+    named = lambda: list(model.named_parameters()) + list(model.named_buffers())  # noqa: E731
+    keep = {name: local(t).detach().clone() for name, t in named() if not local(t).is_meta}
+    model.to_empty(device=device)
+    with torch.no_grad():
+        for name, t in named():
+            if name in keep:
+                local(t).copy_(keep[name])
+
+
+def hf_model(model: nn.Module) -> nn.Module:
+    """The Hugging Face model inside a peft wrapper (its parameter names are the safetensors keys)."""
+    return model.get_base_model() if hasattr(model, "peft_config") and hasattr(model, "get_base_model") else model
+
+
+def _hf_name(name: str) -> str:
+    return name.replace(".base_layer.", ".")  # peft's LoRA wrapper moves the original weight one level down
+
+
+def load_into_shards(model: nn.Module, deferred: dict) -> None:
+    """Copy each safetensors tensor into this rank's shard of the matching (placeholder) parameter."""
+    from safetensors import safe_open
+    from torch.distributed.tensor import DTensor, distribute_tensor
+
+    current = {_hf_name(n): p for n, p in hf_model(model).named_parameters(remove_duplicate=False)}
+    group_of = {name: i for i, names in enumerate(deferred["aliases"]) for name in names}
+    loaded: set[int] = set()
+    with torch.no_grad():
+        for path in deferred["files"]:
+            with safe_open(path, framework="pt") as f:
+                for key in f.keys():
+                    group = group_of.get(key)
+                    if group is None or group in loaded:
+                        continue
+                    param, full = current[key], f.get_tensor(key)
+                    if tuple(full.shape) != tuple(param.shape):
+                        raise SkipGPTError(f"model.path={deferred['dir']}: {key} has shape {tuple(full.shape)} in "
+                                           f"{Path(path).name}, the model expects {tuple(param.shape)}")
+                    full = full.to(param.dtype)
+                    if isinstance(param, DTensor):
+                        piece = distribute_tensor(full, param.device_mesh, param.placements, src_data_rank=None)
+                        param.to_local().copy_(piece.to_local().to(param.device))
+                    else:
+                        param.copy_(full.to(param.device))
+                    loaded.add(group)
+    missing = [names[0] for i, names in enumerate(deferred["aliases"]) if i not in loaded]
+    if missing:
+        raise SkipGPTError(f"model.path={deferred['dir']}: {len(missing)} weights are not in its safetensors files "
+                           f"(e.g. {missing[0]}): the files must use the model's own parameter names, as "
+                           "save_pretrained writes them")
+
+
+def check_materialized(model: nn.Module) -> None:
+    from torch.distributed.tensor import DTensor
+
+    for name, t in list(model.named_parameters()) + list(model.named_buffers()):
+        local = t.to_local() if isinstance(t, DTensor) else t
+        if local.is_meta or _is_placeholder(local):
+            raise RuntimeError(f"{name} was never materialised (still {'meta' if local.is_meta else 'empty'})")
+
+
+# ---------------------------------------------------------------- the one place FSDP2 is applied
+
+
+def apply_fsdp2(model: nn.Module, cfg) -> nn.Module:
+    """Activation checkpointing, fully_shard per decoder layer, then the root; then load deferred weights."""
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    from ..routing import routed_layers
+    from .backends import enable_activation_checkpointing
+
+    if cfg.parallel.activation_checkpointing:
+        enable_activation_checkpointing(model)  # HF non-reentrant AC: FSDP2's hooks stay outside the checkpoint
+    if cfg.parallel.mixed_precision == "bf16":
+        mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+    else:
+        mp = MixedPrecisionPolicy()
+    mesh = device_mesh()
+    deferred = hf_model(model).__dict__.get("_skipgpt_deferred")
+    if deferred is not None:
+        placeholders_to_meta(model)  # fully_shard then creates meta shards: nothing is allocated yet
+    for layer in routed_layers(model):
+        fully_shard(layer, mesh=mesh, mp_policy=mp)
+        if cfg.parallel.activation_checkpointing:
+            layer._gradient_checkpointing_func = functools.partial(_unshard_then_checkpoint, layer)
+    fully_shard(model, mesh=mesh, mp_policy=mp)
+    if deferred is not None:
+        materialize(model, mesh.device_type)
+        load_into_shards(model, deferred)
+        del hf_model(model).__dict__["_skipgpt_deferred"]
+    check_materialized(model)
+    return model
+
+
+def _unshard_then_checkpoint(layer, function, *args, **kwargs):
+    """HF's per-layer checkpoint function, made FSDP2-safe. The sparsity-loss gradient enters a layer through
+    the router statistics, not through the layer output, so the recomputation can start before FSDP2's
+    pre-backward hook (registered on the output) has all-gathered the layer: unshard first (a no-op when the
+    parameters are already unsharded; the post-backward hook reshards as usual)."""
+    from torch.utils.checkpoint import checkpoint
+
+    def run(*a, **k):
+        layer.unshard()
+        return function(*a, **k)
+
+    return checkpoint(run, *args, use_reentrant=False, **kwargs)
+
+
+class FSDP2Engine(Engine):
+    name = "fsdp2"
+
+    def __init__(self, model: nn.Module, cfg):
+        self.cfg = cfg
+        self.model = apply_fsdp2(model, cfg)
+        self.params = [p for p in self.model.parameters() if p.requires_grad]
+        if not self.params:
+            raise SkipGPTError("nothing to train: no parameter requires grad (check stage.stage and stage.lora)")
+        self.optimizer = build_optimizer(self.params, cfg.optim)
+        self.scheduler = build_scheduler(self.optimizer, cfg.optim)
+        self.accum = cfg.optim.grad_accum_steps
+        self._micro = 0
+        from .backends import report_held_parameters
+
+        report_held_parameters(self)
+
+    def backward(self, loss):
+        self._micro += 1
+        if self.accum > 1:  # reduce-scatter once per optimiser step, on the last micro-batch
+            self.model.set_requires_gradient_sync(self._micro == self.accum)
+        (loss / self.accum).backward()
+
+    def step(self) -> dict:
+        from torch.distributed.tensor import DTensor
+
+        grads = [p.grad for p in self.params if p.grad is not None]
+        norm = torch.nn.utils.get_total_norm(grads, foreach=True)
+        if isinstance(norm, DTensor):
+            norm = norm.full_tensor()
+        clip = self.cfg.optim.grad_clip
+        if clip > 0:
+            torch.nn.utils.clip_grads_with_norm_(self.params, clip, norm, foreach=True)
+        lr = self.optimizer.param_groups[0]["lr"]
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self._micro = 0
+        return {"grad_norm": float(norm), "lr": lr}
+
+    # ------------------------------------------------------------ checkpoints (DCP, reshardable)
+
+    def _state(self):
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
+
+        options = StateDictOptions(ignore_frozen_params=True)
+        model_sd, optim_sd = get_state_dict(self.model, self.optimizer, options=options)
+        return {"model": model_sd, "optimizer": optim_sd}, options
+
+    def save(self, folder: Path) -> None:
+        import torch.distributed.checkpoint as dcp
+
+        state, _ = self._state()
+        dcp.save(state, checkpoint_id=str(Path(folder) / DCP_DIR))
+        if D.is_main():
+            (Path(folder) / SCHEDULER_FILE).write_text(json.dumps(self.scheduler.state_dict()))
+
+    def load(self, folder: Path) -> None:
+        import torch.distributed.checkpoint as dcp
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
+
+        folder = Path(folder)
+        if not (folder / DCP_DIR / ".metadata").is_file() or not (folder / SCHEDULER_FILE).is_file():
+            raise SkipGPTError(f"checkpoint {folder} has no FSDP2 state ({DCP_DIR}/, {SCHEDULER_FILE}): it was not "
+                               "written by parallel.backend=fsdp2; resume with the back end that wrote it")
+        state, _ = self._state()
+        try:
+            dcp.load(state, checkpoint_id=str(folder / DCP_DIR))
+        except Exception as err:  # DCP wraps a missing key in a CheckpointException naming every rank
+            first = str(err).strip().splitlines()[0][:200] if str(err).strip() else type(err).__name__
+            raise SkipGPTError(f"checkpoint {folder} does not match this model ({first}): resume with the stage "
+                               "and config that wrote it") from err
+        # The state holds the trainable parameters only (dcp.load above failed if any was missing): not strict.
+        options = StateDictOptions(ignore_frozen_params=True, strict=False)
+        set_state_dict(self.model, self.optimizer, model_state_dict=state["model"],
+                       optim_state_dict=state["optimizer"], options=options)
+        self.scheduler.load_state_dict(json.loads((folder / SCHEDULER_FILE).read_text()))
+
+    # ------------------------------------------------------------ parameters
+
+    def gather_params(self, predicate):
+        """Full CPU copies of the matching parameters (all-gathered one by one; every rank calls this)."""
+        from torch.distributed.tensor import DTensor
+
+        out = {}
+        for name, param in self.model.named_parameters():
+            if predicate(name):
+                full = param.full_tensor() if isinstance(param, DTensor) else param
+                out[name] = full.detach().cpu().clone()
+        return out
+
+    def held_parameter_elements(self) -> int:
+        from torch.distributed.tensor import DTensor
+
+        return sum(p.to_local().numel() if isinstance(p, DTensor) else p.numel() for p in self.model.parameters())
+
+    def total_parameter_elements(self) -> int:
+        return sum(p.numel() for p in self.model.parameters())

@@ -1,0 +1,108 @@
+"""Helpers for the multi-process tests and bench/dist_step.py: launch train.py under torchrun / the deepspeed
+launcher / plain python, read back metrics.jsonl and the per-rank "holds N of M parameter elements" lines."""
+from __future__ import annotations
+
+import json
+import os
+import re
+import socket
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+HELD_RE = re.compile(r"\[skipgpt rank (\d+)/(\d+)\] (\w+) holds (\d+) of (\d+) parameter elements"
+                     r"(?: \(launcher: (\w+)\))?")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def child_env(extra: dict | None = None) -> dict:
+    env = dict(os.environ)
+    for key in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "TORCHELASTIC_RUN_ID",
+                "CROSS_RANK", "CROSS_SIZE", "LOCAL_SIZE"):
+        env.pop(key, None)
+    env.update({"OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu", "TOKENIZERS_PARALLELISM": "false",
+                "WANDB_MODE": "disabled", "PYTHONUNBUFFERED": "1"})
+    env.update(extra or {})
+    return env
+
+
+def launch_cmd(launcher: str, nproc: int) -> list[str]:
+    """The command prefix that starts `nproc` processes of train.py."""
+    if launcher == "python":
+        assert nproc == 1
+        return [sys.executable, "train.py"]
+    if launcher == "torchrun":
+        return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc),
+                "train.py"]
+    if launcher == "deepspeed":  # on CPU only --num_gpus starts more than one process (facts.md)
+        return [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", str(nproc),
+                "--master_port", str(free_port()), "train.py"]
+    raise ValueError(launcher)
+
+
+@dataclass
+class Run:
+    run_dir: Path
+    returncode: int
+    output: str
+
+    def metrics(self) -> list[dict]:
+        path = self.run_dir / "metrics.jsonl"
+        if not path.is_file():
+            return []
+        return [r for r in map(json.loads, path.read_text().splitlines()) if "loss" in r]
+
+    def trajectory(self, key: str) -> list[float]:
+        return [r[key] for r in self.metrics()]
+
+    def held(self) -> dict[int, tuple[int, int]]:
+        """rank -> (parameter elements held, total), from the engine's report lines."""
+        return {int(m.group(1)): (int(m.group(4)), int(m.group(5))) for m in HELD_RE.finditer(self.output)}
+
+    def launchers(self) -> set[str]:
+        """How the ranks were started, as backends.launcher() detected it."""
+        return {m.group(6) for m in HELD_RE.finditer(self.output)}
+
+    def error_lines(self) -> list[str]:
+        return [line for line in self.output.splitlines() if line.startswith("error: ")]
+
+
+def train(run_dir, overrides, *, launcher="torchrun", nproc=2, config=None, ds_config=None, env=None,
+          timeout=300) -> Run:
+    cmd = launch_cmd(launcher, nproc)
+    if ds_config is not None:
+        cmd += ["--ds_config", str(ds_config)]
+    if config is not None:
+        cmd += ["--config", str(config)]
+    cmd += [f"run_dir={run_dir}", *overrides]
+    proc = subprocess.run(cmd, cwd=REPO, env=child_env(env), capture_output=True, text=True, timeout=timeout)
+    return Run(Path(run_dir), proc.returncode, proc.stdout + proc.stderr)
+
+
+def write_text_files(folder: Path, sources: list[str], chars: int = 12000, count: int = 3) -> list[str]:
+    """A few small training files cut from the given texts (fast to tokenise)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    out = []
+    for i, src in enumerate(sources[:count]):
+        text = Path(src).read_text(encoding="utf-8", errors="ignore")
+        start = len(text) // 3  # skip the Gutenberg header
+        path = folder / f"part{i}.txt"
+        path.write_text(text[start:start + chars], encoding="utf-8")
+        out.append(str(path))
+    return out
+
+
+def zero3_all_sharded(folder: Path) -> Path:
+    """ds_configs/zero3.json with the persistence thresholds at 0, so even tiny parameters are partitioned."""
+    data = json.loads((REPO / "ds_configs" / "zero3.json").read_text())
+    data["zero_optimization"].update(stage3_param_persistence_threshold=0, stage3_model_persistence_threshold=0)
+    path = Path(folder) / "zero3_all_sharded.json"
+    path.write_text(json.dumps(data, indent=2))
+    return path
