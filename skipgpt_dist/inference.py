@@ -61,12 +61,7 @@ def _load_exported(folder: Path, section: dict, mode, capacity, dtype):
     if int(section.get("format_version", 1)) > 1:
         raise SkipGPTError(f"{folder} was exported by a newer skipgpt-dist (format_version "
                            f"{section.get('format_version')}): upgrade skipgpt-dist to load it")
-    router_cfg = RouterConfig.from_dict(dict(section["router_config"]))
-    if mode is not None:
-        router_cfg.mode = mode
-    if capacity is not None:
-        router_cfg.capacity = capacity
-    router_cfg.validate()
+    router_cfg = RouterConfig.from_dict(dict(section["router_config"])).with_execution(mode, capacity)
     if dtype is not None and dtype not in _DTYPES:
         raise SkipGPTError(f"dtype={dtype!r} is not supported: use one of float32, bfloat16, float16")
     try:

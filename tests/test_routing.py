@@ -319,3 +319,11 @@ def test_flash_and_flex_on_gpu_match_sdpa():
             with torch.no_grad():
                 results.append(logits_on_real(model, ids, mask))
         torch.testing.assert_close(results[1], results[0], atol=2e-4, rtol=2e-4)
+
+
+def test_with_execution_switches_mode_and_resets_the_estimator():
+    trained = RouterConfig(mode="mask", gate_grad="dense", kv_policy="routed")
+    served = trained.with_execution("capacity", 0.75)
+    assert (served.mode, served.capacity, served.gate_grad, served.kv_policy) == ("capacity", 0.75, "executed",
+                                                                                  "routed")
+    assert trained.with_execution().gate_grad == "dense"

@@ -186,3 +186,16 @@ def test_cli_error_is_a_single_line_without_traceback(tmp_path):
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2
     assert proc.stderr.strip().count("\n") == 0 and proc.stderr.startswith("error: ")
+
+
+def test_stage2_serves_mask_trained_routers_with_real_skipping(tiny_model_dir, text_files, tmp_path):
+    """Stage 1 with the paper's estimator (mode=mask, gate_grad=dense), stage 2 with mode=capacity."""
+    run_tiny(tiny_model_dir, text_files, tmp_path / "s1", "routers.mode=mask", "routers.gate_grad=dense",
+             "optim.max_steps=2", "data.eval_files=[]")
+    result = run_tiny(tiny_model_dir, text_files, tmp_path / "s2", f"stage.init_from={tmp_path / 's1'}",
+                      "optim.max_steps=2", "routers.mode=capacity", "routers.capacity=0.9",
+                      config="configs/tiny_stage2.yaml")
+    from skipgpt_dist.training.model_setup import saved_router_config
+
+    served = saved_router_config(result.checkpoint / "routers.safetensors")
+    assert (served.mode, served.capacity, served.gate_grad) == ("capacity", 0.9, "executed")

@@ -47,7 +47,10 @@ def allowed_mask(q_pos: torch.Tensor, k_pos: torch.Tensor, k_valid: torch.Tensor
     allowed = k_valid[:, None, :] & (k_pos[:, None, :] <= q_pos[:, :, None])
     if window is not None:
         allowed &= (q_pos[:, :, None] - k_pos[:, None, :]) < window
-    allowed |= ~allowed.any(dim=-1, keepdim=True)
+    empty = ~allowed.any(dim=-1, keepdim=True)
+    # On CPU skip the (slow, broadcast) in-place OR when no row is empty, the usual case; elsewhere stay sync-free.
+    if allowed.device.type != "cpu" or torch.compiler.is_compiling() or bool(empty.any()):
+        allowed = allowed | empty
     return allowed[:, None]
 
 

@@ -82,6 +82,18 @@ class RouterConfig:
             return 1.0 - float(self.target_sparsity_attn), 1.0 - float(self.target_sparsity_mlp)
         return 1.0 - float(self.target_sparsity), 1.0 - float(self.target_sparsity)
 
+    def with_execution(self, mode: Optional[str] = None, capacity: Optional[float] = None) -> "RouterConfig":
+        """A copy that executes differently (e.g. routers trained with mode=mask, served with real skipping).
+
+        The gradient estimator only matters while routers train; a mode other than mask gets `executed`.
+        """
+        data = self.to_dict()
+        data["mode"] = mode if mode is not None else self.mode
+        data["capacity"] = capacity if capacity is not None else self.capacity
+        if data["mode"] != "mask":
+            data["gate_grad"] = "executed"
+        return RouterConfig(**data)
+
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 

@@ -96,8 +96,25 @@ def plan_sublayer(logits, valid, positions, r: LayerRouting, kind: int, training
     return Plan(gates=gates, executed=executed, idx=idx, real=real)
 
 
+def _flat_index(idx: torch.Tensor, seq_len: int) -> torch.Tensor:
+    """(B, k) token indices -> (B*k,) row indices into the (B*S, ...) flattened tensor."""
+    offsets = torch.arange(idx.shape[0], device=idx.device)[:, None] * seq_len
+    return (idx + offsets).reshape(-1)
+
+
 def gather_tokens(x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
-    return x.gather(1, idx[..., None].expand(-1, -1, x.shape[-1]))
+    # Row-wise index_select on the flattened tensor: ~10x faster on CPU than gather with an index expanded
+    # over the hidden dimension (forward and backward), same values.
+    batch, seq_len = x.shape[:2]
+    rows = x.reshape(batch * seq_len, *x.shape[2:]).index_select(0, _flat_index(idx, seq_len))
+    return rows.view(batch, idx.shape[1], *x.shape[2:])
+
+
+def scatter_add_tokens(h: torch.Tensor, idx: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """h with rows (B, k, d) added at token indices idx (B, k; distinct per row): out-of-place index_add."""
+    batch, seq_len, dim = h.shape
+    flat = h.reshape(batch * seq_len, dim).index_add(0, _flat_index(idx, seq_len), rows.reshape(-1, dim))
+    return flat.view(batch, seq_len, dim)
 
 
 def project_heads(linear: nn.Module, x: torch.Tensor, heads: int, head_dim: int) -> torch.Tensor:
@@ -114,10 +131,12 @@ def attention_sublayer(layer, r: LayerRouting, h, plan: Plan, valid, positions, 
         x = norm(h)
         x_q, q_pos, q_cos, q_sin = x, positions, cos, sin
     else:
-        x_q = norm(gather_tokens(h, plan.idx))
+        x = None if routed_kv else norm(h)
+        # kv_policy=all normalises every token for K/V anyway: the queries' rows are a gather of it (norms are
+        # per token), not a second norm.
+        x_q = norm(gather_tokens(h, plan.idx)) if x is None else gather_tokens(x, plan.idx)
         q_pos = positions.gather(1, plan.idx)
         q_cos, q_sin = gather_tokens(cos, plan.idx), gather_tokens(sin, plan.idx)
-        x = None if routed_kv else norm(h)
     q = apply_rope(project_heads(getattr(attn, ad.q_proj), x_q, shape.heads, shape.head_dim), q_cos, q_sin)
     if routed_kv and plan.idx is not None:
         x_kv, k_pos, k_cos, k_sin, keep = x_q, q_pos, q_cos, q_sin, plan.real
@@ -163,10 +182,12 @@ def combine(h, out, plan: Plan, dense_grad: bool) -> torch.Tensor:
     mult = plan.gates.straight_through(plan.executed, dense_grad)
     if plan.idx is None:
         return h + out * mult[..., None].to(out.dtype)
-    slot_mult = mult.gather(1, plan.idx)[..., None].to(out.dtype)
-    contrib = torch.where(plan.real[..., None], out * slot_mult, torch.zeros((), dtype=out.dtype,
-                                                                                device=out.device))
-    return h.scatter_add(1, plan.idx[..., None].expand(-1, -1, h.shape[-1]), contrib)
+    # Real slots hold executed tokens, whose multiplier is exactly 1 in value: multiply only to carry the
+    # straight-through gradient.
+    if mult.requires_grad:
+        out = out * mult.gather(1, plan.idx)[..., None].to(out.dtype)
+    contrib = torch.where(plan.real[..., None], out, torch.zeros((), dtype=out.dtype, device=out.device))
+    return scatter_add_tokens(h, plan.idx, contrib)
 
 
 def record_stats(ctx: RoutingContext, layer_idx: int, valid, attn_plan: Plan, mlp_plan: Plan) -> None:

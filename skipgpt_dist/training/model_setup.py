@@ -66,8 +66,11 @@ def prepare_model(model, cfg, routers_file: Path | None = None):
     """Attach routers and set what trains. Stage 1: routers only. Stage 2: LoRA (+ routers if asked)."""
     router_cfg = cfg.routers
     if cfg.stage.stage == 2:
-        router_cfg = saved_router_config(routers_file)  # serve with the policy the routers were trained under
-        router_cfg.mode, router_cfg.capacity = cfg.routers.mode, cfg.routers.capacity
+        # Keep the policy the routers were trained under; execute as this stage's config says.
+        router_cfg = saved_router_config(routers_file).with_execution(cfg.routers.mode, cfg.routers.capacity)
+        if cfg.stage.train_routers:
+            router_cfg.gate_grad = cfg.routers.gate_grad
+            router_cfg.validate()
     attach_routers(model, router_cfg)
     for param in model.parameters():
         param.requires_grad_(False)

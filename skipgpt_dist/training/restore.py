@@ -23,12 +23,8 @@ def load_checkpoint_model(path: str, mode: str | None = None, capacity: float | 
     model_dir = resolve_model_path(cfg.model.path)
     tokenizer = load_tokenizer(model_dir, cfg.model.trust_remote_code)
     model = load_base_model(model_dir, cfg.model.dtype, cfg.model.trust_remote_code)
-    router_cfg = saved_router_config(routers_file)
-    if mode is not None:
-        router_cfg.mode = mode
-    if capacity is not None:
-        router_cfg.capacity = capacity
-    attach_routers(model, router_cfg.validate())
+    router_cfg = saved_router_config(routers_file).with_execution(mode, capacity)
+    attach_routers(model, router_cfg)
     load_routers(model, routers_file)
     adapter = checkpoint / ADAPTER_DIR
     if adapter.is_dir():
