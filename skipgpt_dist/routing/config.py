@@ -15,7 +15,7 @@ MODES = ("mask", "capacity", "expert_choice")
 KV_POLICIES = ("all", "routed")
 MLP_ROUTER_INPUTS = ("block_input", "mlp_input")
 ATTN_BACKENDS = ("auto", "sdpa", "flash", "flex")
-GATE_GRADS = ("executed", "dense")
+GATE_GRADS = ("auto", "executed", "dense")
 
 
 @dataclass
@@ -43,8 +43,9 @@ class RouterConfig:
     attn_backend: str = "auto"
     # Where the straight-through gradient reaches the router. `executed`: only tokens that executed the sublayer
     # (the only estimator real skipping can compute, since a skipped sublayer has no output to differentiate);
-    # `dense`: every token, as the paper's official code does (needs mode=mask).
-    gate_grad: str = "executed"
+    # `dense`: every token, as the paper's official code does (needs mode=mask); `auto`: dense under mode=mask,
+    # executed otherwise.
+    gate_grad: str = "auto"
 
     def __post_init__(self):
         self.validate()
@@ -71,6 +72,8 @@ class RouterConfig:
                 raise SkipGPTError(f"routers.{key}={getattr(self, key)!r} must be > 0")
         if float(self.alpha) < 0:
             raise SkipGPTError(f"routers.alpha={self.alpha!r} must be >= 0")
+        if self.gate_grad == "auto":
+            self.gate_grad = "dense" if self.mode == "mask" else "executed"
         if self.gate_grad == "dense" and self.mode != "mask":
             raise SkipGPTError("routers.gate_grad=dense needs the output of skipped sublayers, which only "
                                "routers.mode=mask computes: set mode=mask or gate_grad=executed")
@@ -92,6 +95,8 @@ class RouterConfig:
         data["capacity"] = capacity if capacity is not None else self.capacity
         if data["mode"] != "mask":
             data["gate_grad"] = "executed"
+        elif mode is not None and self.mode != "mask":
+            data["gate_grad"] = "auto"
         return RouterConfig(**data)
 
     def to_dict(self) -> dict:

@@ -110,11 +110,17 @@ def gather_tokens(x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
     return rows.view(batch, idx.shape[1], *x.shape[2:])
 
 
-def scatter_add_tokens(h: torch.Tensor, idx: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
-    """h with rows (B, k, d) added at token indices idx (B, k; distinct per row): out-of-place index_add."""
+def scatter_add_tokens(h: torch.Tensor, idx: torch.Tensor, rows: torch.Tensor, real: torch.Tensor) -> torch.Tensor:
+    """h with rows (B, k, d) added at token indices idx (B, k; distinct per row) where real (B, k) is set.
+
+    Rows of padding slots (real False) are added to a scratch row that is dropped, so whatever they hold never
+    reaches h (and they get zero gradient), without a masking pass over the rows.
+    """
     batch, seq_len, dim = h.shape
-    flat = h.reshape(batch * seq_len, dim).index_add(0, _flat_index(idx, seq_len), rows.reshape(-1, dim))
-    return flat.view(batch, seq_len, dim)
+    n = batch * seq_len
+    flat_idx = torch.where(real.reshape(-1), _flat_index(idx, seq_len), n)
+    out = torch.cat([h.reshape(n, dim), h.new_zeros(1, dim)]).index_add_(0, flat_idx, rows.reshape(-1, dim))
+    return out[:n].view(batch, seq_len, dim)
 
 
 def project_heads(linear: nn.Module, x: torch.Tensor, heads: int, head_dim: int) -> torch.Tensor:
@@ -186,8 +192,7 @@ def combine(h, out, plan: Plan, dense_grad: bool) -> torch.Tensor:
     # straight-through gradient.
     if mult.requires_grad:
         out = out * mult.gather(1, plan.idx)[..., None].to(out.dtype)
-    contrib = torch.where(plan.real[..., None], out, torch.zeros((), dtype=out.dtype, device=out.device))
-    return scatter_add_tokens(h, plan.idx, contrib)
+    return scatter_add_tokens(h, plan.idx, out, plan.real)
 
 
 def record_stats(ctx: RoutingContext, layer_idx: int, valid, attn_plan: Plan, mlp_plan: Plan) -> None:
