@@ -199,3 +199,31 @@ def test_stage2_serves_mask_trained_routers_with_real_skipping(tiny_model_dir, t
 
     served = saved_router_config(result.checkpoint / "routers.safetensors")
     assert (served.mode, served.capacity, served.gate_grad) == ("capacity", 0.9, "executed")
+
+
+def test_eval_ppl_tool_prints_one_json_line(stage1_run, text_files):
+    run_dir, _ = stage1_run
+    proc = subprocess.run([sys.executable, str(ROOT / "tools/eval_ppl.py"), str(run_dir), "--data",
+                           text_files["eval"][0], "--sequences", "3", "--mode", "capacity", "--capacity", "1.0"],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    lines = proc.stdout.strip().splitlines()
+    assert len(lines) == 1
+    result = json.loads(lines[0])
+    assert result["sequences"] == 3 and result["ppl_dense"] > 1 and result["ppl_routed"] > 1
+    assert 0 <= result["sparsity"] < 1 and result["ppl_ratio"] == pytest.approx(result["ppl_routed"] /
+                                                                                 result["ppl_dense"])
+    missing = subprocess.run([sys.executable, str(ROOT / "tools/eval_ppl.py"), str(run_dir / "nope")],
+                             capture_output=True, text=True, timeout=120)
+    assert missing.returncode == 2 and missing.stderr.startswith("error: ")
+
+
+def test_wandb_logs_offline_without_secrets(tiny_model_dir, text_files, tmp_path, monkeypatch):
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    run_tiny(tiny_model_dir, text_files, tmp_path / "w", "logging.wandb=true", "optim.max_steps=2",
+             "data.eval_files=[]")
+    runs = list((tmp_path / "w" / "wandb").glob("offline-run-*"))
+    assert runs, "an offline wandb run folder is written inside run_dir"
+    config_text = (tmp_path / "w" / "config.yaml").read_text()
+    assert "api_key" not in config_text.lower()
