@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import gc
 import statistics
+import sys
 import time
 from typing import Callable, Sequence
 
@@ -41,6 +42,7 @@ def round_robin(names: Sequence[str], repeats: int, measure: Callable[[str], dic
         for name in list(names[shift:]) + list(names[:shift]):
             for metric, value in measure(name).items():
                 out[name].setdefault(metric, []).append(value)
+        print(f"[bench] repeat {rep + 1}/{repeats} done", file=sys.stderr, flush=True)
     return out
 
 
