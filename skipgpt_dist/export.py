@@ -33,6 +33,7 @@ from typing import Callable, Iterator, Optional
 import torch
 from safetensors import safe_open
 
+from .checkpoint import _fsync_dir, _fsync_tree  # noqa: F401  (shared flush helpers)
 from .errors import SkipGPTError
 
 ROUTERS_FILE = "routers.safetensors"
@@ -211,23 +212,6 @@ def _replace(tmp: Path, out: Path) -> None:
     _fsync_dir(out.parent)
 
 
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _fsync_tree(root: Path) -> None:
-    for dirpath, _, names in os.walk(root):
-        for name in names:
-            fd = os.open(os.path.join(dirpath, name), os.O_RDONLY)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-        _fsync_dir(Path(dirpath))
 
 
 # ---------------------------------------------------------------- the base model's shards
