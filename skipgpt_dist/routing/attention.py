@@ -47,7 +47,8 @@ def allowed_mask(q_pos: torch.Tensor, k_pos: torch.Tensor, k_valid: torch.Tensor
     allowed = k_valid[:, None, :] & (k_pos[:, None, :] <= q_pos[:, :, None])
     if window is not None:
         allowed &= (q_pos[:, :, None] - k_pos[:, None, :]) < window
-    empty = ~allowed.any(dim=-1, keepdim=True)
+    # max over the bytes of the bool mask: same answer as any(), which is ~20x slower along the last dim on CPU
+    empty = allowed.view(torch.uint8).amax(dim=-1, keepdim=True) == 0
     # On CPU skip the (slow, broadcast) in-place OR when no row is empty, the usual case; elsewhere stay sync-free.
     if allowed.device.type != "cpu" or torch.compiler.is_compiling() or bool(empty.any()):
         allowed = allowed | empty
@@ -77,9 +78,9 @@ def sdpa_attention(q, k, v, q_pos, k_pos, k_valid, window, scale):
             v = v.repeat_interleave(repeat, dim=1)
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
     # CPU SDPA handles grouped KV heads natively (enable_gqa): no repeated copies of K/V.
-    outs = [F.scaled_dot_product_attention(q[:, :, s:e], k[:, :, lo:hi], v[:, :, lo:hi],
+    outs = [F.scaled_dot_product_attention(q_block, k[:, :, lo:hi], v[:, :, lo:hi],
                                            attn_mask=mask[:, :, s:e, lo:hi], scale=scale, enable_gqa=gqa)
-            for s, e, lo, hi in spans]
+            for q_block, (s, e, lo, hi) in zip(q.split(SDPA_QUERY_BLOCK, dim=2), spans)]
     return torch.cat(outs, dim=2)
 
 
@@ -93,9 +94,16 @@ def _key_spans(mask: torch.Tensor, block: int) -> list[tuple[int, int, int, int]
     """(start, end, lo, hi) per block of query rows: keys outside [lo, hi) are masked for every row of the block
     (in every batch row). Every row has at least one allowed key (allowed_mask opens empty rows to all keys),
     so each range is non-empty, and an opened row keeps its whole key range."""
-    rows, keys = mask.shape[-2], mask.shape[-1]
+    batch, _, rows, keys = mask.shape
     starts = list(range(0, rows, block))
-    cols = torch.stack([mask[:, 0, s:s + block].any(dim=1).any(dim=0) for s in starts])  # (blocks, K)
+    # (blocks, K): does any row of the block (in any batch row) allow this key? max over the mask's bytes
+    # (bool any() along these dims is much slower on CPU); whole blocks in one reduction, then the remainder.
+    flat = mask[:, 0].view(torch.uint8)
+    full = rows // block * block
+    cols = flat[:, :full].reshape(batch, full // block, block, keys).amax(dim=2).amax(dim=0)
+    if full < rows:
+        cols = torch.cat([cols, flat[:, full:].amax(dim=1).amax(dim=0, keepdim=True)])
+    cols = cols > 0
     arange = torch.arange(keys, device=mask.device)
     lo = torch.where(cols, arange, keys).amin(dim=1).tolist()
     hi = (torch.where(cols, arange, -1).amax(dim=1) + 1).tolist()

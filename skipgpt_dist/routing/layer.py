@@ -98,6 +98,8 @@ def plan_sublayer(logits, valid, positions, r: LayerRouting, kind: int, training
 
 def _flat_index(idx: torch.Tensor, seq_len: int) -> torch.Tensor:
     """(B, k) token indices -> (B*k,) row indices into the (B*S, ...) flattened tensor."""
+    if idx.shape[0] == 1:
+        return idx.reshape(-1)
     offsets = torch.arange(idx.shape[0], device=idx.device)[:, None] * seq_len
     return (idx + offsets).reshape(-1)
 
