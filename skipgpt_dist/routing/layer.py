@@ -182,11 +182,17 @@ def mlp_sublayer(layer, r: LayerRouting, h, plan: Plan) -> torch.Tensor:
     ad = r.adapter
     mlp, norm = getattr(layer, ad.mlp), getattr(layer, ad.mlp_norm)
     x = h if plan.idx is None else gather_tokens(h, plan.idx)
-    return combine(h, mlp(norm(x)), plan, r.ctx.cfg.gate_grad == "dense")
+    # h is this block's own post-attention tensor, used by nothing after the MLP: without autograd the MLP output
+    # can be added into it in place.
+    return combine(h, mlp(norm(x)), plan, r.ctx.cfg.gate_grad == "dense", h_is_scratch=True)
 
 
-def combine(h, out, plan: Plan, dense_grad: bool) -> torch.Tensor:
-    """h + g * f, with f given on every token (mask mode) or on the slots (scattered back)."""
+def combine(h, out, plan: Plan, dense_grad: bool, h_is_scratch: bool = False) -> torch.Tensor:
+    """h + g * f, with f given on every token (mask mode) or on the slots (scattered back).
+
+    h_is_scratch: the caller owns h and never reads it again, so when autograd is not recording it is updated in
+    place (no copy of the whole (B, S, d) tensor).
+    """
     mult = plan.gates.straight_through(plan.executed, dense_grad)
     if plan.idx is None:
         return h + out * mult[..., None].to(out.dtype)
@@ -194,6 +200,11 @@ def combine(h, out, plan: Plan, dense_grad: bool) -> torch.Tensor:
     # straight-through gradient.
     if mult.requires_grad:
         out = out * mult.gather(1, plan.idx)[..., None].to(out.dtype)
+    if h_is_scratch and h.is_contiguous() and not (torch.is_grad_enabled() and (h.requires_grad or out.requires_grad)):
+        rows = torch.where(plan.real[..., None], out, torch.zeros((), dtype=out.dtype, device=out.device))
+        batch, seq_len, dim = h.shape
+        h.view(batch * seq_len, dim).index_add_(0, _flat_index(plan.idx, seq_len), rows.reshape(-1, dim))
+        return h
     return scatter_add_tokens(h, plan.idx, out, plan.real)
 
 
