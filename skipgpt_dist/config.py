@@ -18,7 +18,7 @@ from typing import ClassVar, Optional, Sequence
 
 import yaml
 
-from .errors import SkipGPTError
+from .errors import SkipGPTError, read_user_file
 from .routing.config import RouterConfig
 
 
@@ -343,14 +343,8 @@ def _unknown_key(cls, name: str, valid: list[str], prefix: str) -> SkipGPTError:
 
 
 def _read_yaml(path: str) -> dict:
-    try:
-        text = Path(path).read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise SkipGPTError(f"config file {path} not found: check the path "
-                           "(example configs are in configs/)") from None
-    except (OSError, UnicodeDecodeError) as err:
-        raise SkipGPTError(f"cannot read config file {path} ({type(err).__name__}: {err}): "
-                           "pass a readable YAML file") from None
+    text = read_user_file(path, f"config file {path} not found: check the path (example configs are in configs/)",
+                          f"cannot read config file {path} ({{reason}}): pass a readable YAML file")
     try:
         data = yaml.safe_load(text)
     except yaml.YAMLError as err:

@@ -25,3 +25,17 @@ def run_cli(main):
             sys.exit(2)
 
     return wrapper
+
+
+def read_user_file(path, missing: str, unreadable: str) -> str:
+    """Text of a user-named file, or a SkipGPTError: `missing` if it does not exist, else `unreadable` + reason.
+
+    `unreadable` may contain `{reason}`."""
+    from pathlib import Path
+
+    try:
+        return Path(path).read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise SkipGPTError(missing) from None
+    except (OSError, UnicodeDecodeError) as err:
+        raise SkipGPTError(unreadable.format(reason=f"{type(err).__name__}: {err}")) from None

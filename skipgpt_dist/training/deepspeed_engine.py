@@ -30,7 +30,7 @@ from pathlib import Path
 
 import torch
 
-from ..errors import SkipGPTError
+from ..errors import SkipGPTError, read_user_file
 from . import distributed as D
 from .engine import Engine, build_scheduler
 
@@ -68,14 +68,9 @@ def require_deepspeed():
 def read_ds_config(path) -> dict:
     if path is None:
         return copy.deepcopy(DEFAULT_DS_CONFIG)
-    try:
-        text = Path(path).read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise SkipGPTError(f"parallel.ds_config={path} does not exist: give a DeepSpeed JSON file, e.g. "
-                           "ds_configs/zero2.json or ds_configs/zero3.json") from None
-    except (OSError, UnicodeDecodeError) as err:
-        raise SkipGPTError(f"parallel.ds_config={path} cannot be read ({type(err).__name__}: {err}): "
-                           "give a readable DeepSpeed JSON file") from None
+    text = read_user_file(path, f"parallel.ds_config={path} does not exist: give a DeepSpeed JSON file, e.g. "
+                                "ds_configs/zero2.json or ds_configs/zero3.json",
+                          f"parallel.ds_config={path} cannot be read ({{reason}}): give a readable DeepSpeed JSON file")
     try:
         data = json.loads(text)
     except json.JSONDecodeError as err:
