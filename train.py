@@ -34,6 +34,7 @@ def main(argv=None) -> int:
     if args.ds_config:
         overrides += ["parallel.backend=deepspeed", f"parallel.ds_config={args.ds_config}"]
     result = run(load_config(args.config, overrides))
+    from skipgpt_dist.training.backends import exit_process
     from skipgpt_dist.training.distributed import is_main
 
     if result.final_eval is not None and is_main():
@@ -41,7 +42,7 @@ def main(argv=None) -> int:
         print(f"final: ppl dense {e['ppl_dense']:.2f} routed {e['ppl_routed']:.2f} "
               f"(x{e['ppl_routed'] / e['ppl_dense']:.3f}) sparsity attn {e['attn_sparsity']:.3f} "
               f"mlp {e['mlp_sparsity']:.3f} overall {e['sparsity']:.3f}", flush=True)
-    return PREEMPTED_EXIT_CODE if result.preempted else 0
+    return exit_process(PREEMPTED_EXIT_CODE if result.preempted else 0)
 
 
 if __name__ == "__main__":
