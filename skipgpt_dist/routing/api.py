@@ -69,7 +69,8 @@ def attach_routers(model: nn.Module, cfg: Optional[RouterConfig] = None) -> nn.M
     for idx, layer in enumerate(adapter.decoder_layers(model)):
         reference = getattr(getattr(layer, adapter.attn), adapter.q_proj).weight
         for name in ROUTER_NAMES:
-            router = Router(config.hidden_size, cfg.router_type, normalize_input=cfg.normalize_input)
+            router = Router(config.hidden_size, cfg.router_type, init_bias=float(cfg.init_margin),
+                            normalize_input=cfg.normalize_input)
             setattr(layer, name, router.to(device=reference.device, dtype=_router_dtype(reference)))
         scale = getattr(getattr(layer, adapter.attn), "scaling", shape.head_dim ** -0.5)
         layer._skipgpt = LayerRouting(idx, adapter, shape, adapter.sliding_window(layer, config), scale, ctx)

@@ -1,0 +1,101 @@
+"""Static pruning baselines (ShortGPT): drop the whole layers, or the attention sublayers, that change the hidden
+state least, at the same sublayer sparsity a SkipGPT model reaches.
+
+Block influence (ShortGPT, Men et al. 2024): BI = 1 - E_t[cos(x_t, y_t)] for a block mapping x to y, averaged over
+real tokens of calibration text. For a whole layer x is the layer input and y its output; for the attention
+sublayer y = x + attn(x) (the state after the attention residual add).
+
+A static decision is expressed with the model's own routers: weight 0 and a bias margin of +-STATIC_MARGIN, so every
+token executes (or skips) that sublayer at evaluation. The pruned model is then evaluated by exactly the code that
+evaluates SkipGPT routers, and sparsity is counted the same way (fraction of sublayer executions skipped).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from .routing.api import ROUTER_NAMES, routed_layers, routing_disabled
+from .routing.calibrate import forward_with_hooks
+
+STATIC_MARGIN = 30.0
+
+
+@dataclass
+class BlockInfluence:
+    layer: list[float]  # whole decoder layer, per layer index
+    attn: list[float]  # attention sublayer (input -> input + attention output)
+
+
+@torch.no_grad()
+def block_influence(model, sequences: torch.Tensor, micro_batch_size: int = 4) -> BlockInfluence:
+    """ShortGPT block influence of every layer and attention sublayer, on the dense model (routing disabled)."""
+    layers = routed_layers(model)
+    sums = {"layer": torch.zeros(len(layers), dtype=torch.float64), "attn": torch.zeros(len(layers), dtype=torch.float64)}
+    inputs: dict[int, torch.Tensor] = {}
+
+    def layer_pre(idx):
+        def hook(module, args, kwargs):
+            inputs[idx] = args[0] if args else kwargs["hidden_states"]
+        return hook
+
+    def layer_post(idx):
+        def hook(module, args, kwargs, output):
+            out = output[0] if isinstance(output, tuple) else output
+            sums["layer"][idx] += _cos_distance(inputs[idx], out)
+        return hook
+
+    def mid_pre(idx):  # the MLP norm's input is the post-attention state x + attn(x)
+        def hook(module, args):
+            sums["attn"][idx] += _cos_distance(inputs[idx], args[0])
+        return hook
+
+    handles = []
+    for idx, layer in enumerate(layers):
+        handles.append(layer.register_forward_pre_hook(layer_pre(idx), with_kwargs=True))
+        handles.append(layer.register_forward_hook(layer_post(idx), with_kwargs=True))
+        handles.append(getattr(layer, layer._skipgpt.adapter.mlp_norm).register_forward_pre_hook(mid_pre(idx)))
+    with routing_disabled(model):
+        forward_with_hooks(model, sequences, micro_batch_size, handles)
+    batches = math.ceil(len(sequences) / micro_batch_size)
+    return BlockInfluence(layer=(sums["layer"] / batches).tolist(), attn=(sums["attn"] / batches).tolist())
+
+
+def _cos_distance(x: torch.Tensor, y: torch.Tensor) -> float:
+    """1 - mean cosine similarity over tokens (every token is real in calibration batches)."""
+    return float(1.0 - torch.nn.functional.cosine_similarity(x.float(), y.float(), dim=-1).mean())
+
+
+def least_influential(scores: list[float], count: int) -> list[int]:
+    """Indices of the `count` lowest scores, ascending by index."""
+    order = sorted(range(len(scores)), key=lambda i: scores[i])
+    return sorted(order[:count])
+
+
+def layer_drop_plan(influence: BlockInfluence, sparsity: float) -> tuple[list[int], list[int]]:
+    """(attention layers to skip, MLP layers to skip) dropping whole layers: round(sparsity * L) layers."""
+    count = round(sparsity * len(influence.layer))
+    dropped = least_influential(influence.layer, count)
+    return dropped, dropped
+
+
+def attention_drop_plan(influence: BlockInfluence, sparsity: float) -> tuple[list[int], list[int]]:
+    """Skip only attention sublayers: round(2 * sparsity * L) of them (capped at L), no MLP."""
+    count = min(len(influence.attn), round(2 * sparsity * len(influence.attn)))
+    return least_influential(influence.attn, count), []
+
+
+@torch.no_grad()
+def set_static_routing(model, attn_skip: list[int], mlp_skip: list[int]) -> None:
+    """Make every router constant: skip (for the listed layers) or execute, for every token."""
+    for idx, layer in enumerate(routed_layers(model)):
+        for name, skip in zip(ROUTER_NAMES, (attn_skip, mlp_skip)):
+            router = getattr(layer, name)
+            for module in router.modules():
+                if isinstance(module, torch.nn.Linear):
+                    module.weight.zero_()
+                    module.bias.zero_()
+            last = router.net if isinstance(router.net, torch.nn.Linear) else router.net[-1]
+            margin = -STATIC_MARGIN if idx in skip else STATIC_MARGIN
+            last.bias.copy_(torch.tensor([margin / 2, -margin / 2]))

@@ -1,0 +1,141 @@
+"""Static pruning baselines (ShortGPT block influence) and router calibration, on tiny random models; the quality
+benchmark's --quick mode end to end."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from routing_models import batch, build  # noqa: E402
+
+from skipgpt_dist import routing_stats  # noqa: E402
+from skipgpt_dist.routing.api import routing_context, routing_disabled  # noqa: E402
+from skipgpt_dist.routing.calibrate import calibrate_routers, collect_margins  # noqa: E402
+from skipgpt_dist.static_pruning import (BlockInfluence, attention_drop_plan, block_influence,  # noqa: E402
+                                         layer_drop_plan, set_static_routing)
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def ids(seed=0, rows=4, seq=24):
+    return batch(seed, batch_size=rows, seq_len=seq)[0]
+
+
+def test_block_influence_matches_a_direct_computation():
+    model = build("llama_gqa", mode="mask")
+    x = ids()
+    influence = block_influence(model, x, micro_batch_size=4)
+    with torch.no_grad(), routing_disabled(model):  # block influence is measured on the dense model
+        hidden = model(input_ids=x, output_hidden_states=True).hidden_states
+    for layer in range(len(influence.layer) - 1):  # the last hidden state is after the final norm
+        cos = torch.nn.functional.cosine_similarity(hidden[layer], hidden[layer + 1], dim=-1).mean()
+        assert influence.layer[layer] == pytest.approx(1 - float(cos), abs=1e-5)
+    assert all(0.0 <= a <= 2.0 for a in influence.attn)
+
+
+def test_plans_drop_the_least_influential_blocks():
+    bi = BlockInfluence(layer=[0.9, 0.1, 0.3, 0.05, 0.5, 0.2, 0.4, 0.6], attn=[0.5, 0.01, 0.2, 0.02, 0.3, 0.03, 0.4, 0.6])
+    assert layer_drop_plan(bi, 0.25) == ([1, 3], [1, 3])
+    assert attention_drop_plan(bi, 0.25) == ([1, 2, 3, 5], [])  # round(2 * 0.25 * 8) = 4 attention sublayers
+    attn, mlp = attention_drop_plan(bi, 0.40)  # round(2 * 0.4 * 8) = 6 attention sublayers
+    assert len(attn) == 6 and mlp == [] and 7 not in attn and 0 not in attn
+
+
+def test_static_routing_skips_exactly_the_planned_sublayers():
+    model = build("llama_mha", mode="mask")
+    set_static_routing(model, attn_skip=[0, 2], mlp_skip=[1])
+    with torch.no_grad():
+        model(input_ids=ids())
+    layers = routing_stats(model)["layers"]
+    assert [layer["attn"]["execute"] for layer in layers] == [0.0, 1.0, 0.0]
+    assert [layer["mlp"]["execute"] for layer in layers] == [1.0, 0.0, 1.0]
+
+
+@pytest.mark.parametrize("method", ["per_layer", "global"])
+def test_calibration_meets_the_target_with_deterministic_gates(method):
+    model = build("llama_gqa", mode="mask", target_sparsity=0.3)
+    x = ids(rows=6, seq=32)
+    calibrate_routers(model, x, method=method, micro_batch_size=6, passes=3)
+    with torch.no_grad():
+        model(input_ids=x)
+    stats = routing_stats(model)
+    skipped = 1 - (stats["attn_execute"] + stats["mlp_execute"]) / 2
+    assert skipped == pytest.approx(0.3, abs=0.03)
+
+
+def test_calibration_keeps_per_layer_rates_and_only_moves_biases():
+    model = build("llama_mha", mode="mask", target_sparsity=0.2)
+    # distinct tokens: layer 0's routers read token embeddings, and repeated tokens would tie at the threshold
+    x = torch.randperm(97, generator=torch.Generator().manual_seed(0))[:96].view(3, 32)
+    before = {k: v.clone() for k, v in model.state_dict().items() if "skipgpt" in k}
+    margins = collect_margins(model, x, 3)
+    expected = [float(torch.sigmoid(-m).mean()) for m in margins["attn"] + margins["mlp"]]
+    calibrate_routers(model, x, method="per_layer", micro_batch_size=3, passes=1)
+    after = {k: v for k, v in model.state_dict().items() if "skipgpt" in k}
+    for key in before:
+        if key.endswith("weight"):
+            assert torch.equal(before[key], after[key]), key
+    shifted = collect_margins(model, x, 3)
+    # one pass: the layer-0 rates are exact (later layers see hidden states changed by the layers below)
+    scale = 0.2 / (sum(expected) / len(expected))
+    for kind, i in (("attn", 0), ("mlp", len(margins["attn"]))):
+        rate = float(shifted[kind][0].lt(0).float().mean())
+        assert rate == pytest.approx(min(1.0, expected[i] * scale), abs=1.0 / len(shifted[kind][0]) + 1e-6)
+
+
+def test_per_kind_targets_are_calibrated_separately():
+    model = build("llama_gqa", mode="mask", target_sparsity_attn=0.5, target_sparsity_mlp=0.1)
+    x = ids(rows=6, seq=32)
+    calibrate_routers(model, x, method="global", micro_batch_size=6, passes=3)
+    with torch.no_grad():
+        model(input_ids=x)
+    stats = routing_stats(model)
+    assert 1 - stats["attn_execute"] == pytest.approx(0.5, abs=0.04)
+    assert 1 - stats["mlp_execute"] == pytest.approx(0.1, abs=0.04)
+    assert routing_context(model).cfg.target_sparsity_attn == 0.5
+
+
+def test_quality_bench_quick_runs_end_to_end(tmp_path):
+    out = tmp_path / "quality"
+    proc = subprocess.run([sys.executable, str(ROOT / "bench/quality.py"), "--quick", "--out", str(out)],
+                          capture_output=True, text=True, timeout=600, cwd=ROOT,
+                          env={**__import__("os").environ, "WANDB_MODE": "disabled", "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = (out / "quality.md").read_text()
+    for method in ("dense", "ShortGPT layer drop", "ShortGPT attention drop", "SkipGPT stage 1 (routers)",
+                   "SkipGPT stage 1 + 2 (LoRA)"):
+        assert method in report
+    data = json.loads((out / "quality.json").read_text())
+    assert {r["target"] for r in data["rows"]} == {0.25, 0.40}
+    assert len(data["runs"]) == 4 and all(r["steps"] > 0 for r in data["runs"])
+    assert (out / "quality.png").stat().st_size > 1000
+    static = [r for r in data["rows"] if r["method"] == "ShortGPT layer drop" and r["target"] == 0.25][0]
+    assert static["sparsity"] == pytest.approx(0.25, abs=0.13)  # whole layers of a 4-layer model: 1 of 4
+
+
+def test_quality_bench_rejects_a_bad_sparsity():
+    proc = subprocess.run([sys.executable, str(ROOT / "bench/quality.py"), "--quick", "--sparsities", "1.5"],
+                          capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines()[-1].startswith("error: --sparsities 1.5 is out of range")
+
+
+def test_init_margin_sets_the_starting_margin_and_is_validated():
+    from skipgpt_dist import RouterConfig, attach_routers
+    from skipgpt_dist.errors import SkipGPTError
+    from skipgpt_dist.routing.api import routed_layers
+
+    model = build("llama_mha", mode="mask")  # only for its family; attach a fresh copy below
+    fresh = type(model)(model.config).eval()
+    attach_routers(fresh, RouterConfig(mode="mask", init_margin=5.0))
+    margins = collect_margins(fresh, ids(), 4)
+    for m in margins["attn"] + margins["mlp"]:
+        assert m.mean() == pytest.approx(5.0, abs=0.5)  # weights start at std 0.01 on a unit-RMS input
+    assert routed_layers(fresh)[0].skipgpt_attn_router.net.bias.tolist() == [2.5, -2.5]
+    with pytest.raises(SkipGPTError, match="routers.init_margin"):
+        RouterConfig(init_margin=100)
