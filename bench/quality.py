@@ -53,7 +53,7 @@ PRESETS = {
     "quick": Preset(
         stage1_config="configs/tiny.yaml", stage2_config="configs/tiny.yaml",
         common=["data.seq_len=64", "data.eval_sequences=4", "checkpoint.every_steps=0", "logging.progress=false"],
-        stage1=["optim.max_steps=4", "routers.mode=mask", "routers.init_margin=5"],
+        stage1=["optim.max_steps=4", "routers.mode=mask", "routers.init_margin=5", "routers.init=block_influence"],
         stage2=["optim.max_steps=3", "routers.mode=mask", "stage.lora.r=4"],
         calibration_sequences=4),
 }

@@ -26,14 +26,16 @@ STATIC_MARGIN = 30.0
 class BlockInfluence:
     layer: list[float]  # whole decoder layer, per layer index
     attn: list[float]  # attention sublayer (input -> input + attention output)
+    mlp: list[float]  # MLP sublayer (post-attention state -> layer output)
 
 
 @torch.no_grad()
 def block_influence(model, sequences: torch.Tensor, micro_batch_size: int = 4) -> BlockInfluence:
     """ShortGPT block influence of every layer and attention sublayer, on the dense model (routing disabled)."""
     layers = routed_layers(model)
-    sums = {"layer": torch.zeros(len(layers), dtype=torch.float64), "attn": torch.zeros(len(layers), dtype=torch.float64)}
+    sums = {kind: torch.zeros(len(layers), dtype=torch.float64) for kind in ("layer", "attn", "mlp")}
     inputs: dict[int, torch.Tensor] = {}
+    mids: dict[int, torch.Tensor] = {}
 
     def layer_pre(idx):
         def hook(module, args, kwargs):
@@ -44,10 +46,12 @@ def block_influence(model, sequences: torch.Tensor, micro_batch_size: int = 4) -
         def hook(module, args, kwargs, output):
             out = output[0] if isinstance(output, tuple) else output
             sums["layer"][idx] += _cos_distance(inputs[idx], out)
+            sums["mlp"][idx] += _cos_distance(mids[idx], out)
         return hook
 
     def mid_pre(idx):  # the MLP norm's input is the post-attention state x + attn(x)
         def hook(module, args):
+            mids[idx] = args[0]
             sums["attn"][idx] += _cos_distance(inputs[idx], args[0])
         return hook
 
@@ -59,7 +63,7 @@ def block_influence(model, sequences: torch.Tensor, micro_batch_size: int = 4) -
     with routing_disabled(model):
         forward_with_hooks(model, sequences, micro_batch_size, handles)
     batches = math.ceil(len(sequences) / micro_batch_size)
-    return BlockInfluence(layer=(sums["layer"] / batches).tolist(), attn=(sums["attn"] / batches).tolist())
+    return BlockInfluence(**{kind: (total / batches).tolist() for kind, total in sums.items()})
 
 
 def _cos_distance(x: torch.Tensor, y: torch.Tensor) -> float:
@@ -99,3 +103,31 @@ def set_static_routing(model, attn_skip: list[int], mlp_skip: list[int]) -> None
             last = router.net if isinstance(router.net, torch.nn.Linear) else router.net[-1]
             margin = -STATIC_MARGIN if idx in skip else STATIC_MARGIN
             last.bias.copy_(torch.tensor([margin / 2, -margin / 2]))
+
+
+@torch.no_grad()
+def init_routers_from_influence(model, influence: BlockInfluence, skip_fractions: tuple[float, float],
+                                execute_margin: float, skip_margin: float) -> tuple[list[int], list[int]]:
+    """Warm-start routers from ShortGPT: the least influential sublayers start with `skip_margin` (most tokens
+    skip them when gates are sampled), the rest with `execute_margin`; router weights keep their small random
+    init, so training refines the static choice per token. skip_fractions: (attention, MLP) fractions of
+    sublayers to mark, or (f, None) for a fraction f of all 2L sublayers ranked together.
+    Returns the marked (attention, MLP) layer indices."""
+    layers = len(influence.attn)
+    attn_frac, mlp_frac = skip_fractions
+    if mlp_frac is None:
+        ranked = sorted([(score, "attn", i) for i, score in enumerate(influence.attn)]
+                        + [(score, "mlp", i) for i, score in enumerate(influence.mlp)])
+        chosen = ranked[:round(attn_frac * 2 * layers)]
+        attn_skip = sorted(i for _, kind, i in chosen if kind == "attn")
+        mlp_skip = sorted(i for _, kind, i in chosen if kind == "mlp")
+    else:
+        attn_skip = least_influential(influence.attn, round(attn_frac * layers))
+        mlp_skip = least_influential(influence.mlp, round(mlp_frac * layers))
+    for idx, layer in enumerate(routed_layers(model)):
+        for name, skip in zip(ROUTER_NAMES, (attn_skip, mlp_skip)):
+            net = getattr(layer, name).net
+            last = net if isinstance(net, torch.nn.Linear) else net[-1]
+            margin = skip_margin if idx in skip else execute_margin
+            last.bias.copy_(torch.tensor([margin / 2, -margin / 2], dtype=last.bias.dtype))
+    return attn_skip, mlp_skip

@@ -39,7 +39,8 @@ def test_block_influence_matches_a_direct_computation():
 
 
 def test_plans_drop_the_least_influential_blocks():
-    bi = BlockInfluence(layer=[0.9, 0.1, 0.3, 0.05, 0.5, 0.2, 0.4, 0.6], attn=[0.5, 0.01, 0.2, 0.02, 0.3, 0.03, 0.4, 0.6])
+    bi = BlockInfluence(layer=[0.9, 0.1, 0.3, 0.05, 0.5, 0.2, 0.4, 0.6], attn=[0.5, 0.01, 0.2, 0.02, 0.3, 0.03, 0.4, 0.6],
+                        mlp=[0.5] * 8)
     assert layer_drop_plan(bi, 0.25) == ([1, 3], [1, 3])
     assert attention_drop_plan(bi, 0.25) == ([1, 2, 3, 5], [])  # round(2 * 0.25 * 8) = 4 attention sublayers
     attn, mlp = attention_drop_plan(bi, 0.40)  # round(2 * 0.4 * 8) = 6 attention sublayers
@@ -139,3 +140,28 @@ def test_init_margin_sets_the_starting_margin_and_is_validated():
     assert routed_layers(fresh)[0].skipgpt_attn_router.net.bias.tolist() == [2.5, -2.5]
     with pytest.raises(SkipGPTError, match="routers.init_margin"):
         RouterConfig(init_margin=100)
+
+
+def test_block_influence_warm_start_marks_the_least_influential_sublayers():
+    from skipgpt_dist.static_pruning import init_routers_from_influence
+    from skipgpt_dist.routing.api import routed_layers
+
+    model = build("llama_gqa", mode="mask")
+    bi = BlockInfluence(layer=[0.9, 0.2, 0.5], attn=[0.3, 0.01, 0.02], mlp=[0.5, 0.4, 0.03])
+    attn, mlp = init_routers_from_influence(model, bi, (1 / 3, None), execute_margin=5.0, skip_margin=-1.0)
+    assert (attn, mlp) == ([1, 2], [])  # round(1/3 * 6) = 2 lowest of the six sublayers
+    attn, mlp = init_routers_from_influence(model, bi, (1 / 3, 1 / 3), execute_margin=5.0, skip_margin=-1.0)
+    assert (attn, mlp) == ([1], [2])
+    biases = [(l.skipgpt_attn_router.net.bias.tolist(), l.skipgpt_mlp_router.net.bias.tolist())
+              for l in routed_layers(model)]
+    assert biases[1][0] == [-0.5, 0.5] and biases[2][1] == [-0.5, 0.5] and biases[0][0] == [2.5, -2.5]
+
+
+def test_block_influence_warm_start_needs_one_process():
+    from skipgpt_dist.config import load_config
+    from skipgpt_dist.errors import SkipGPTError
+    from skipgpt_dist.training.warm_start import warm_start_routers
+
+    cfg = load_config(str(ROOT / "configs/tiny.yaml"), ["routers.init=block_influence", "parallel.backend=fsdp2"])
+    with pytest.raises(SkipGPTError, match="needs parallel.backend=none"):
+        warm_start_routers(cfg, model=None, batches=None)

@@ -14,6 +14,7 @@ ROUTER_TYPES = ("linear", "mlp")
 MODES = ("mask", "capacity", "expert_choice")
 KV_POLICIES = ("all", "routed")
 MLP_ROUTER_INPUTS = ("block_input", "mlp_input")
+ROUTER_INITS = ("margin", "block_influence")
 ATTN_BACKENDS = ("auto", "sdpa", "flash", "flex")
 GATE_GRADS = ("auto", "executed", "dense")
 
@@ -43,6 +44,12 @@ class RouterConfig:
     # skips with probability sigmoid(-margin): 2 skips ~12% at random from the first step, which a small model
     # cannot absorb (SmolLM2-135M: loss 4 -> 7); 5 starts from a near-dense model (~0.7%).
     init_margin: float = 2.0
+    # `margin`: every router starts at init_margin. `block_influence` (stage 1, parallel.backend=none): the
+    # sublayers a ShortGPT block-influence ranking marks as least important (as many as the target sparsity)
+    # start at init_skip_margin instead, so training refines a good static plan per token rather than
+    # discovering from noise which sublayers matter (skipgpt_dist/static_pruning.py).
+    init: str = "margin"
+    init_skip_margin: float = -1.0
     mlp_router_input: str = "block_input"
     attn_backend: str = "auto"
     # Where the straight-through gradient reaches the router. `executed`: only tokens that executed the sublayer
@@ -74,9 +81,11 @@ class RouterConfig:
         for key in ("temperature_start", "temperature_end"):
             if float(getattr(self, key)) <= 0:
                 raise SkipGPTError(f"routers.{key}={getattr(self, key)!r} must be > 0")
-        if not isinstance(self.init_margin, (int, float)) or not -20.0 <= float(self.init_margin) <= 20.0:
-            raise SkipGPTError(f"routers.init_margin={self.init_margin!r} is out of range: use a number in [-20, 20], "
-                               "e.g. 5 to start near dense")
+        _choice("init", self.init, ROUTER_INITS)
+        for key, hint in (("init_margin", "e.g. 5 to start near dense"), ("init_skip_margin", "e.g. -1")):
+            value = getattr(self, key)
+            if not isinstance(value, (int, float)) or not -20.0 <= float(value) <= 20.0:
+                raise SkipGPTError(f"routers.{key}={value!r} is out of range: use a number in [-20, 20], {hint}")
         if float(self.alpha) < 0:
             raise SkipGPTError(f"routers.alpha={self.alpha!r} must be >= 0")
         if self.gate_grad == "auto":

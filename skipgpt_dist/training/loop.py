@@ -24,6 +24,7 @@ from .backends import base_loader, make_engine, setup_distributed
 from .evaluate import evaluate
 from .losses import global_sparsity_loss, lm_loss
 from .model_setup import build_model, describe_trainable
+from .warm_start import warm_start_routers
 from .reporting import RunReporter, log
 from .schedule import temperature
 
@@ -160,6 +161,7 @@ def run(cfg) -> RunResult:
     seed_everything(cfg.seed)
     model, tokenizer, model_dir = build_model(cfg, load_base=base_loader(cfg))
     batches, held_out = build_data(cfg, tokenizer)
+    warm_start_routers(cfg, model, batches)
     engine = make_engine(cfg, model)
     ckpts = CheckpointManager(cfg.run_dir, cfg.checkpoint.keep_last)
     step = resume(ckpts, engine, cfg, batches)
