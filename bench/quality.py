@@ -47,11 +47,11 @@ PRESETS = {
     "full": Preset(
         stage1_config="configs/smollm2_stage1.yaml", stage2_config="configs/smollm2_stage2.yaml",
         common=["data.seq_len=256", "data.eval_sequences=32", "checkpoint.every_steps=0", "logging.progress=true"],
-        stage1=["optim.max_steps=120", "optim.lr=5e-3", "routers.init_margin=5"],
-        stage2=["optim.max_steps=60", "optim.lr=5e-4", "routers.mode=mask"],
+        stage1=["optim.max_steps=60", "optim.lr=1e-3", "routers.init_margin=5", "routers.init=block_influence"],
+        stage2=["optim.max_steps=40", "optim.lr=5e-4", "routers.mode=mask"],
         calibration_sequences=16),
     "quick": Preset(
-        stage1_config="configs/tiny.yaml", stage2_config="configs/tiny.yaml",
+        stage1_config="configs/tiny.yaml", stage2_config="configs/tiny_stage2.yaml",
         common=["data.seq_len=64", "data.eval_sequences=4", "checkpoint.every_steps=0", "logging.progress=false"],
         stage1=["optim.max_steps=4", "routers.mode=mask", "routers.init_margin=5", "routers.init=block_influence"],
         stage2=["optim.max_steps=3", "routers.mode=mask", "stage.lora.r=4"],
@@ -169,20 +169,36 @@ def train_stage(config: str, overrides: list[str]) -> dict:
             "tokens": tokens, "run_dir": cfg.run_dir}
 
 
+def calibrate(stage1_dir: Path, out: Path, sparsity: float, sequences: int) -> dict:
+    """tools/calibrate_routers.py on the stage-1 run; the held-out evaluation of the calibrated routers."""
+    from skipgpt_dist.training.evaluate import evaluate
+    from skipgpt_dist.training.loop import build_data
+    from tools.calibrate_routers import calibrate_checkpoint
+
+    start = time.perf_counter()
+    model, tokenizer, cfg, _ = calibrate_checkpoint(stage1_dir, out, sparsity, "per_layer", None, sequences)
+    held_out = build_data(cfg, tokenizer)[1]
+    return {"eval": evaluate(model, held_out, cfg.optim.micro_batch_size), "seconds": time.perf_counter() - start,
+            "steps": 0, "tokens": sequences * cfg.data.seq_len, "run_dir": str(out)}
+
+
 def skipgpt_rows(preset: Preset, args, sparsity: float, out: Path, flops) -> tuple[list[Row], list[dict]]:
     tag = f"{round(sparsity * 100)}"
     stage1 = preset.stage1 + ([f"optim.max_steps={args.stage1_steps}"] if args.stage1_steps else [])
     stage2 = preset.stage2 + ([f"optim.max_steps={args.stage2_steps}"] if args.stage2_steps else [])
-    s1_dir, s2_dir = out / f"stage1_{tag}", out / f"stage2_{tag}"
+    s1_dir, cal_dir, s2_dir = out / f"stage1_{tag}", out / f"stage1_{tag}_calibrated", out / f"stage2_{tag}"
     log(f"SkipGPT stage 1 @ {sparsity:.0%} -> {s1_dir}")
     s1 = train_stage(preset.stage1_config, preset.common + stage1 + [
         f"routers.target_sparsity={sparsity}", f"run_dir={s1_dir}", "checkpoint.resume=never"])
+    log(f"calibrating stage-1 routers to {sparsity:.0%} -> {cal_dir}")
+    cal = calibrate(s1_dir, cal_dir, sparsity, preset.calibration_sequences)
     log(f"SkipGPT stage 2 (LoRA) @ {sparsity:.0%} -> {s2_dir}")
     s2 = train_stage(preset.stage2_config, preset.common + stage2 + [
-        f"routers.target_sparsity={sparsity}", f"stage.init_from={s1_dir}", f"run_dir={s2_dir}",
+        f"routers.target_sparsity={sparsity}", f"stage.init_from={cal_dir}", f"run_dir={s2_dir}",
         "checkpoint.resume=never"])
     rows = []
-    for method, run in (("SkipGPT stage 1 (routers)", s1), ("SkipGPT stage 1 + 2 (LoRA)", s2)):
+    for method, run in (("SkipGPT stage 1 (routers)", s1), ("SkipGPT stage 1, calibrated", cal),
+                        ("SkipGPT stage 1 + 2 (LoRA)", s2)):
         e = run["eval"]
         rows.append(Row(method, sparsity, e["ppl_routed"], e["attn_sparsity"], e["mlp_sparsity"],
                         flops_skipped(e["attn_sparsity"], e["mlp_sparsity"], flops),
@@ -249,7 +265,9 @@ def main(argv=None) -> int:
             new_rows, new_runs = skipgpt_rows(preset, args, sparsity, out, flops)
             rows += new_rows
             runs += new_runs
-    rows.sort(key=lambda r: (r.target, r.method))
+    order = ["ShortGPT layer drop", "ShortGPT attention drop", "SkipGPT stage 1 (routers)",
+             "SkipGPT stage 1, calibrated", "SkipGPT stage 1 + 2 (LoRA)"]
+    rows.sort(key=lambda r: (r.target, order.index(r.method)))
     text = table(rows, dense_ppl)
     minutes = (time.perf_counter() - start) / 60
     report = (f"# SkipGPT vs static pruning ({'quick' if args.quick else 'full'})\n\n{text}\n\n"

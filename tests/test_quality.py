@@ -3,6 +3,7 @@ benchmark's --quick mode end to end."""
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -20,6 +21,7 @@ from skipgpt_dist.static_pruning import (BlockInfluence, attention_drop_plan, bl
                                          layer_drop_plan, set_static_routing)
 
 ROOT = Path(__file__).resolve().parents[1]
+ENV = {**os.environ, "WANDB_MODE": "disabled", "OMP_NUM_THREADS": "1"}
 
 
 def ids(seed=0, rows=4, seq=24):
@@ -101,15 +103,20 @@ def test_per_kind_targets_are_calibrated_separately():
     assert routing_context(model).cfg.target_sparsity_attn == 0.5
 
 
-def test_quality_bench_quick_runs_end_to_end(tmp_path):
-    out = tmp_path / "quality"
+@pytest.fixture(scope="module")
+def quick_bench(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("quality") / "quick"
     proc = subprocess.run([sys.executable, str(ROOT / "bench/quality.py"), "--quick", "--out", str(out)],
-                          capture_output=True, text=True, timeout=600, cwd=ROOT,
-                          env={**__import__("os").environ, "WANDB_MODE": "disabled", "OMP_NUM_THREADS": "1"})
+                          capture_output=True, text=True, timeout=600, cwd=ROOT, env=ENV)
     assert proc.returncode == 0, proc.stderr[-3000:]
+    return out
+
+
+def test_quality_bench_quick_runs_end_to_end(quick_bench):
+    out = quick_bench
     report = (out / "quality.md").read_text()
     for method in ("dense", "ShortGPT layer drop", "ShortGPT attention drop", "SkipGPT stage 1 (routers)",
-                   "SkipGPT stage 1 + 2 (LoRA)"):
+                   "SkipGPT stage 1, calibrated", "SkipGPT stage 1 + 2 (LoRA)"):
         assert method in report
     data = json.loads((out / "quality.json").read_text())
     assert {r["target"] for r in data["rows"]} == {0.25, 0.40}
@@ -117,6 +124,35 @@ def test_quality_bench_quick_runs_end_to_end(tmp_path):
     assert (out / "quality.png").stat().st_size > 1000
     static = [r for r in data["rows"] if r["method"] == "ShortGPT layer drop" and r["target"] == 0.25][0]
     assert static["sparsity"] == pytest.approx(0.25, abs=0.13)  # whole layers of a 4-layer model: 1 of 4
+    stage2 = [r for r in data["rows"] if r["method"].endswith("(LoRA)") and r["target"] == 0.40][0]
+    assert stage2["sparsity"] > 0.3  # stage 2 runs on the calibrated stage-1 routers
+    assert (out / "stage2_40" / "checkpoints").is_dir()
+
+
+def test_calibrate_tool_writes_a_copy_with_new_router_biases(quick_bench, tmp_path):
+    from safetensors.torch import load_file
+
+    from skipgpt_dist.checkpoint import find_checkpoint
+
+    source = find_checkpoint(quick_bench / "stage1_25")
+    out = tmp_path / "cal"
+    proc = subprocess.run([sys.executable, str(ROOT / "tools/calibrate_routers.py"), str(source), "--out", str(out),
+                           "--sparsity", "0.5", "--method", "global"], capture_output=True, text=True, timeout=300,
+                          cwd=ROOT, env=ENV)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert result["sparsity"] == pytest.approx(0.5, abs=0.1)
+    old, new = load_file(str(source / "routers.safetensors")), load_file(str(out / "routers.safetensors"))
+    assert set(old) == set(new)
+    assert all(torch.equal(old[k], new[k]) for k in old if k.endswith("weight"))
+    assert any(not torch.equal(old[k], new[k]) for k in old if k.endswith("bias"))
+    assert (out / "trainer_state.json").is_file()
+    # an existing --out is refused, untouched
+    before = (out / "routers.safetensors").read_bytes()
+    again = subprocess.run([sys.executable, str(ROOT / "tools/calibrate_routers.py"), str(source), "--out", str(out)],
+                           capture_output=True, text=True, timeout=300, cwd=ROOT, env=ENV)
+    assert again.returncode == 2 and again.stderr.strip().splitlines()[-1].startswith("error: --out")
+    assert (out / "routers.safetensors").read_bytes() == before
 
 
 def test_quality_bench_rejects_a_bad_sparsity():

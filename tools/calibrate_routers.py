@@ -1,0 +1,102 @@
+"""Calibrate a stage-1 checkpoint's routers so that evaluation skips as much as training did (or a new target).
+
+    python tools/calibrate_routers.py runs/smollm2_stage1 --out runs/smollm2_stage1_cal
+    python tools/calibrate_routers.py runs/smollm2_stage1 --out runs/cal40 --sparsity 0.40 --method global
+    python train.py --config configs/smollm2_stage2.yaml stage.init_from=runs/smollm2_stage1_cal
+
+Sampled training gates skip a token with probability sigmoid(-margin); evaluation skips iff margin < 0, so after a
+short stage 1 the evaluated model skips less than the target. Calibration shifts each router's bias (nothing
+else) so that, on training text, the tokens with the lowest margins skip (skipgpt_dist/routing/calibrate.py).
+
+The output is a copy of the checkpoint with the new routers.safetensors, usable wherever a checkpoint is
+(stage.init_from, tools/eval_ppl.py, tools/merge_lora.py). The input is never modified; an existing --out is
+refused. Prints one JSON line: skip rates before, and ppl / sparsity after on --eval-data.
+"""
+import argparse
+import json
+import os
+import shutil
+import sys
+from pathlib import Path
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from skipgpt_dist.errors import SkipGPTError, run_cli  # noqa: E402
+
+
+def parse_args(argv):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("checkpoint", help="a stage-1 checkpoint folder, or a run folder (its latest checkpoint)")
+    p.add_argument("--out", required=True, help="new checkpoint folder to write (must not exist)")
+    p.add_argument("--sparsity", type=float, default=None, help="target (default: the trained routers.target_sparsity)")
+    p.add_argument("--method", choices=["per_layer", "global"], default="per_layer",
+                   help="per_layer: keep each layer's trained skip rate, rescaled; global: one threshold")
+    p.add_argument("--data", nargs="+", default=None, help="calibration text (default: the run's data.train_files)")
+    p.add_argument("--sequences", type=int, default=16, help="calibration sequences")
+    p.add_argument("--eval-data", nargs="+", default=None, help="held-out text for the ppl line (default: the run's)")
+    return p.parse_args(argv)
+
+
+def packed(files, tokenizer, seq_len, count):
+    from skipgpt_dist.assets import resolve_data_files
+    from skipgpt_dist.data import eval_sequences, load_text_dataset, tokenize_and_pack
+
+    return eval_sequences(tokenize_and_pack(load_text_dataset(resolve_data_files(files)), tokenizer, seq_len), count)
+
+
+def calibrate_checkpoint(checkpoint, out, sparsity=None, method="per_layer", data=None, sequences=16):
+    """Write `out`, a copy of `checkpoint` with calibrated routers; returns (model, tokenizer, cfg, skip rates
+    before calibration). The model is the calibrated one, in eval mode."""
+    out = Path(out).expanduser()
+    if out.exists():
+        raise SkipGPTError(f"--out {out} already exists: choose a new folder (the calibrated copy never overwrites)")
+    if sparsity is not None and not 0.0 <= sparsity < 1.0:
+        raise SkipGPTError(f"--sparsity {sparsity} is out of range: use a fraction in [0, 1), e.g. 0.25")
+
+    from skipgpt_dist.checkpoint import find_checkpoint
+    from skipgpt_dist.routing import routing_context, save_routers
+    from skipgpt_dist.routing.calibrate import calibrate_routers
+    from skipgpt_dist.training.artifacts import ROUTERS_FILE
+    from skipgpt_dist.training.restore import load_checkpoint_model
+
+    source = find_checkpoint(checkpoint, key="checkpoint")
+    model, tokenizer, cfg = load_checkpoint_model(str(source))
+    router_cfg = routing_context(model).cfg
+    if sparsity is not None:
+        router_cfg.target_sparsity = sparsity
+        router_cfg.target_sparsity_attn = router_cfg.target_sparsity_mlp = None
+    calibration = packed(data or cfg.data.train_files, tokenizer, cfg.data.seq_len, sequences)
+    before = calibrate_routers(model, calibration, method=method, micro_batch_size=cfg.optim.micro_batch_size)
+    tmp = out.with_name(f".{out.name}.tmp{os.getpid()}")
+    try:
+        shutil.copytree(source, tmp)
+        save_routers(model, tmp / ROUTERS_FILE)
+        tmp.rename(out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return model, tokenizer, cfg, before
+
+
+@run_cli
+def main(argv=None):
+    args = parse_args(sys.argv[1:] if argv is None else argv)
+    import torch
+
+    from skipgpt_dist.training.evaluate import evaluate
+
+    torch.manual_seed(0)
+    model, tokenizer, cfg, before = calibrate_checkpoint(args.checkpoint, args.out, args.sparsity, args.method,
+                                                         args.data, args.sequences)
+    from skipgpt_dist.routing import routing_context
+
+    result = {"checkpoint": str(args.out), "method": args.method,
+              "target_sparsity": routing_context(model).cfg.target_sparsity, "skip_rate_before": before}
+    held_out = packed(args.eval_data or cfg.data.eval_files, tokenizer, cfg.data.seq_len, cfg.data.eval_sequences)
+    if len(held_out):
+        result.update(evaluate(model, held_out, cfg.optim.micro_batch_size))
+    print(json.dumps(result), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
