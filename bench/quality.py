@@ -169,6 +169,14 @@ def train_stage(config: str, overrides: list[str]) -> dict:
             "tokens": tokens, "run_dir": cfg.run_dir}
 
 
+def kind_targets(sparsity: float) -> tuple[float, float]:
+    """Per-kind stage-1 targets with the given mean: attention takes 90% of the skipping (up to 90% of its
+    executions). Attention is the more redundant kind (the paper's finding, and SmolLM2-135M's: its block
+    influence is ~10x lower than the MLP's), and sampled MLP skipping costs this small model the most."""
+    attn = min(0.9, 1.8 * sparsity)
+    return round(attn, 4), round(2 * sparsity - attn, 4)
+
+
 def calibrate(stage1_dir: Path, out: Path, sparsity: float, sequences: int) -> dict:
     """tools/calibrate_routers.py on the stage-1 run; the held-out evaluation of the calibrated routers."""
     from skipgpt_dist.training.evaluate import evaluate
@@ -188,8 +196,10 @@ def skipgpt_rows(preset: Preset, args, sparsity: float, out: Path, flops) -> tup
     stage2 = preset.stage2 + ([f"optim.max_steps={args.stage2_steps}"] if args.stage2_steps else [])
     s1_dir, cal_dir, s2_dir = out / f"stage1_{tag}", out / f"stage1_{tag}_calibrated", out / f"stage2_{tag}"
     log(f"SkipGPT stage 1 @ {sparsity:.0%} -> {s1_dir}")
+    attn, mlp = kind_targets(sparsity)
     s1 = train_stage(preset.stage1_config, preset.common + stage1 + [
-        f"routers.target_sparsity={sparsity}", f"run_dir={s1_dir}", "checkpoint.resume=never"])
+        f"routers.target_sparsity={sparsity}", f"routers.target_sparsity_attn={attn}",
+        f"routers.target_sparsity_mlp={mlp}", f"run_dir={s1_dir}", "checkpoint.resume=never"])
     log(f"calibrating stage-1 routers to {sparsity:.0%} -> {cal_dir}")
     cal = calibrate(s1_dir, cal_dir, sparsity, preset.calibration_sequences)
     log(f"SkipGPT stage 2 (LoRA) @ {sparsity:.0%} -> {s2_dir}")
