@@ -181,7 +181,9 @@ skipgpt_stage_main() {
               "$SLURM_NNODES node(s) [${nodes% }] x $NPROC_PER_NODE rank(s), backend $BACKEND," \
               "rendezvous $host:$RDZV_PORT, run_dir $RUN_DIR"
   if [ "$GOT_USR1" = 1 ] || [ "$GOT_TERM" = 1 ]; then skipgpt_requeue_or_exit 75; fi
-  srun --nodes="$SLURM_NNODES" --ntasks-per-node=1 --cpus-per-task="${SLURM_CPUS_ON_NODE:-1}" \
+  # --kill-on-bad-exit: a node whose launcher fails ends the step at once, instead of leaving the other nodes
+  # waiting in a collective until the NCCL/gloo timeout burns the allocation.
+  srun --nodes="$SLURM_NNODES" --ntasks-per-node=1 --cpus-per-task="${SLURM_CPUS_ON_NODE:-1}" --kill-on-bad-exit=1 \
     "$PYTHON" -u -m skipgpt_dist.launch torchrun \
       --nnodes "$SLURM_NNODES" --nproc_per_node "$NPROC_PER_NODE" \
       --rdzv_backend c10d --rdzv_endpoint "$host:$RDZV_PORT" --rdzv_id "$SLURM_JOB_ID" \

@@ -201,3 +201,17 @@ def test_block_influence_warm_start_needs_one_process():
     cfg = load_config(str(ROOT / "configs/tiny.yaml"), ["routers.init=block_influence", "parallel.backend=fsdp2"])
     with pytest.raises(SkipGPTError, match="needs parallel.backend=none"):
         warm_start_routers(cfg, model=None, batches=None)
+
+
+def test_calibrating_one_kind_meets_the_overall_target_and_leaves_the_other():
+    model = build("llama_gqa", mode="mask", target_sparsity=0.3)
+    x = ids(rows=6, seq=32)
+    mlp_before = {k: v.clone() for k, v in model.state_dict().items() if "mlp_router" in k}
+    calibrate_routers(model, x, method="per_layer", micro_batch_size=6, passes=3, kinds=("attn",))
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in mlp_before.items())
+    with torch.no_grad():
+        model(input_ids=x)
+    stats = routing_stats(model)
+    assert 1 - (stats["attn_execute"] + stats["mlp_execute"]) / 2 == pytest.approx(0.3, abs=0.03)
+    with pytest.raises(ValueError, match="kinds"):
+        calibrate_routers(model, x, kinds=("ffn",))

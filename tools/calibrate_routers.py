@@ -31,6 +31,8 @@ def parse_args(argv):
     p.add_argument("--sparsity", type=float, default=None, help="target (default: the trained routers.target_sparsity)")
     p.add_argument("--method", choices=["per_layer", "global"], default="per_layer",
                    help="per_layer: keep each layer's trained skip rate, rescaled; global: one threshold")
+    p.add_argument("--kinds", choices=["both", "attn", "mlp"], default="both",
+                   help="routers to move: both, or one kind only (it meets the overall target, the other stays)")
     p.add_argument("--data", nargs="+", default=None, help="calibration text (default: the run's data.train_files)")
     p.add_argument("--sequences", type=int, default=16, help="calibration sequences")
     p.add_argument("--eval-data", nargs="+", default=None, help="held-out text for the ppl line (default: the run's)")
@@ -44,7 +46,7 @@ def packed(files, tokenizer, seq_len, count):
     return eval_sequences(tokenize_and_pack(load_text_dataset(resolve_data_files(files)), tokenizer, seq_len), count)
 
 
-def calibrate_checkpoint(checkpoint, out, sparsity=None, method="per_layer", data=None, sequences=16):
+def calibrate_checkpoint(checkpoint, out, sparsity=None, method="per_layer", data=None, sequences=16, kinds="both"):
     """Write `out`, a copy of `checkpoint` with calibrated routers; returns (model, tokenizer, cfg, skip rates
     before calibration). The model is the calibrated one, in eval mode."""
     out = Path(out).expanduser()
@@ -66,7 +68,8 @@ def calibrate_checkpoint(checkpoint, out, sparsity=None, method="per_layer", dat
         router_cfg.target_sparsity = sparsity
         router_cfg.target_sparsity_attn = router_cfg.target_sparsity_mlp = None
     calibration = packed(data or cfg.data.train_files, tokenizer, cfg.data.seq_len, sequences)
-    before = calibrate_routers(model, calibration, method=method, micro_batch_size=cfg.optim.micro_batch_size)
+    before = calibrate_routers(model, calibration, method=method, micro_batch_size=cfg.optim.micro_batch_size,
+                               kinds=("attn", "mlp") if kinds == "both" else (kinds,))
     tmp = out.with_name(f".{out.name}.tmp{os.getpid()}")
     try:
         shutil.copytree(source, tmp)
@@ -86,10 +89,10 @@ def main(argv=None):
 
     torch.manual_seed(0)
     model, tokenizer, cfg, before = calibrate_checkpoint(args.checkpoint, args.out, args.sparsity, args.method,
-                                                         args.data, args.sequences)
+                                                         args.data, args.sequences, args.kinds)
     from skipgpt_dist.routing import routing_context
 
-    result = {"checkpoint": str(args.out), "method": args.method,
+    result = {"checkpoint": str(args.out), "method": args.method, "kinds": args.kinds,
               "target_sparsity": routing_context(model).cfg.target_sparsity, "skip_rate_before": before}
     held_out = packed(args.eval_data or cfg.data.eval_files, tokenizer, cfg.data.seq_len, cfg.data.eval_sequences)
     if len(held_out):

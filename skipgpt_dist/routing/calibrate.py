@@ -93,30 +93,42 @@ def apply_shifts(model, shifts: dict[str, list[float]]) -> None:
 
 
 def calibrate_routers(model, sequences: torch.Tensor, method: str = "per_layer", micro_batch_size: int = 4,
-                      passes: int = 2) -> dict[str, float]:
+                      passes: int = 2, kinds: tuple[str, ...] = KINDS) -> dict[str, float]:
     """Shift router biases (see module doc); returns the deterministic skip rate per kind measured on the
     calibration text before the last shift. Several passes, because skipping in one layer changes the hidden
     states, and so the margins, of the layers above.
 
     With per-kind targets each kind is calibrated to its own; with one global target attention and MLP routers
-    are calibrated together, so the split between kinds stays the one training learned."""
-    cfg = routing_context(model).cfg
-    execute_attn, execute_mlp = cfg.targets()
-    per_kind = cfg.target_sparsity_attn is not None
-    groups = [(("attn",), 1.0 - execute_attn), (("mlp",), 1.0 - execute_mlp)] if per_kind else [(KINDS, 1.0 - execute_attn)]
+    are calibrated together, so the split between kinds stays the one training learned. `kinds` = one kind only:
+    that kind's routers alone move, to meet the overall target with the other kind as it stands (e.g. ("attn",)
+    when a small model's MLP routers have learned that nearly no MLP can be skipped)."""
+    unknown = set(kinds) - set(KINDS)
+    if unknown or not kinds:
+        raise ValueError(f"kinds must be a non-empty subset of {KINDS}, got {kinds}")
     rates, layer_rates = {}, {}
     for _ in range(passes):
         margins = collect_margins(model, sequences, micro_batch_size)
         rates = {kind: float(torch.cat(margins[kind]).lt(0).float().mean()) for kind in KINDS}
-        shifts = {}
-        for kinds, target in groups:
-            lists = [m for kind in kinds for m in margins[kind]]
+        shifts = {kind: [0.0] * len(margins[kind]) for kind in KINDS}
+        for group, target in calibration_groups(routing_context(model).cfg, kinds, rates):
+            lists = [m for kind in group for m in margins[kind]]
             if method == "global":
                 found = global_shifts(lists, target)
             else:  # the rates come from the trained margins; later passes only re-threshold to them
-                layer_rates.setdefault(kinds, expected_skip_rates(lists, target))
-                found = [_shift_for_rate(m, rate) for m, rate in zip(lists, layer_rates[kinds])]
-            for i, kind in enumerate(kinds):
+                layer_rates.setdefault(group, expected_skip_rates(lists, target))
+                found = [_shift_for_rate(m, rate) for m, rate in zip(lists, layer_rates[group])]
+            for i, kind in enumerate(group):
                 shifts[kind] = found[i * len(margins[kind]):(i + 1) * len(margins[kind])]
         apply_shifts(model, shifts)
     return rates
+
+
+def calibration_groups(cfg, kinds: tuple[str, ...], rates: dict[str, float]) -> list[tuple[tuple[str, ...], float]]:
+    """[(kinds calibrated together, their target skip rate)] for calibrate_routers."""
+    skip_attn, skip_mlp = (1.0 - t for t in cfg.targets())
+    if len(kinds) == 1:  # one kind meets the overall mean, the other stays where it is
+        other = "mlp" if kinds[0] == "attn" else "attn"
+        return [(kinds, min(1.0, max(0.0, skip_attn + skip_mlp - rates[other])))]
+    if cfg.target_sparsity_attn is not None:
+        return [(("attn",), skip_attn), (("mlp",), skip_mlp)]
+    return [(KINDS, skip_attn)]
