@@ -1,11 +1,13 @@
-"""Small timing helpers shared by the benchmarks (CPU wall clock; a CUDA sync when tensors live on a GPU)."""
+"""Helpers shared by the benchmarks: timing (CPU wall clock; a CUDA sync when tensors live on a GPU), the FLOP
+model behind every "ideal" ratio, and what a router's Linear reads."""
 from __future__ import annotations
 
 import gc
 import statistics
 import sys
 import time
-from typing import Callable, Sequence
+from dataclasses import dataclass
+from typing import Callable, Optional, Sequence
 
 import torch
 
@@ -48,3 +50,95 @@ def round_robin(names: Sequence[str], repeats: int, measure: Callable[[str], dic
 
 def median(values: Sequence[float]) -> float:
     return float(statistics.median(values))
+
+
+def loadavg() -> str:
+    try:
+        with open("/proc/loadavg") as f:
+            return " ".join(f.read().split()[:3])
+    except OSError:
+        return "n/a"
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# FLOP model
+# ----------------------------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Shape:
+    layers: int
+    d: int
+    heads: int
+    kv_heads: int
+    head_dim: int
+    inter: int
+    vocab: int
+
+
+def shape_of(config) -> Shape:
+    """The Shape of a Hugging Face Llama-style config."""
+    heads = config.num_attention_heads
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+    return Shape(config.num_hidden_layers, config.hidden_size, heads,
+                 getattr(config, "num_key_value_heads", None) or heads, head_dim, config.intermediate_size,
+                 config.vocab_size)
+
+
+def flop_parts(shape: Shape, seq_len: int, head_tokens: Optional[int] = None) -> dict[str, float]:
+    """Matmul FLOPs of one forward over one sequence of seq_len tokens (2 FLOPs per multiply-add).
+
+    Per token and layer: q,o projections 2*2*d*H*Dh; k,v projections 2*2*d*Hkv*Dh; MLP (3 matrices) 2*3*d*I.
+    Causal attention (scores QK^T and values PV) over S tokens: 2*2*H*Dh * S(S+1)/2 in total per layer.
+    LM head 2*d*V per token, for head_tokens tokens (default all; generation's prefill needs only the last).
+    Norms, RoPE, softmax, embedding lookup, routers (~0.06%) are left out.
+    """
+    s, L = seq_len, shape.layers
+    return {
+        "qo": 2 * 2 * shape.d * shape.heads * shape.head_dim * s * L,
+        "kv": 2 * 2 * shape.d * shape.kv_heads * shape.head_dim * s * L,
+        "attn": 2 * 2 * shape.heads * shape.head_dim * s * (s + 1) / 2 * L,
+        "mlp": 2 * 3 * shape.d * shape.inter * s * L,
+        "head": 2 * shape.d * shape.vocab * (s if head_tokens is None else head_tokens),
+    }
+
+
+def decode_flop_parts(shape: Shape, context: int) -> dict[str, float]:
+    """flop_parts of one decoded token that attends `context` cached tokens (plus itself)."""
+    parts = flop_parts(shape, 1)
+    parts["attn"] = 2 * 2 * shape.heads * shape.head_dim * (context + 1) * shape.layers
+    return parts
+
+
+def ideal_ratio(parts: dict[str, float], attn: float, kv_policy: str, train: bool = False,
+                mlp: Optional[float] = None) -> float:
+    """FLOPs of a routed pass over FLOPs of the dense pass, when a fraction `attn` of tokens executes attention
+    and `mlp` (default: attn, e.g. a capacity factor for both) executes the MLP.
+
+    kv_policy=all: q/o projections and the attention of the executed queries (over all earlier keys) scale by
+    attn; K/V projections and the LM head never skip. kv_policy=routed: K/V projections also scale by attn, and
+    attention by attn^2 (executed queries over executed keys). The MLP scales by mlp.
+    (facts.md's 0.797 / 0.674 for `routed` scale attention by c, not c^2, hence slightly higher.)
+
+    train=False: the forward ratio, which is also the ideal the issue sets for the router-training step.
+    train=True: a refinement for that step with a frozen base: each projection/MLP/LM-head matmul costs forward +
+    input-gradient = 2x its forward FLOPs (no weight gradients), attention costs forward + dQ, dK, dV
+    (P V and Q K^T each give two backward matmuls) = 3x. Routers and the loss are ignored.
+    """
+    a, m = attn, attn if mlp is None else mlp
+    scale = {"qo": a, "kv": 1.0 if kv_policy == "all" else a, "attn": a if kv_policy == "all" else a * a,
+             "mlp": m, "head": 1.0}
+    weights = {"qo": 2, "kv": 2, "attn": 3, "mlp": 2, "head": 2} if train else dict.fromkeys(parts, 1)
+    total = sum(weights[k] * v for k, v in parts.items())
+    return sum(weights[k] * scale[k] * v for k, v in parts.items()) / total
+
+
+def flop_shares(parts: dict[str, float]) -> dict[str, float]:
+    total = sum(parts.values())
+    return {"attention_sublayer": (parts["qo"] + parts["kv"] + parts["attn"]) / total,
+            "kv_projections": parts["kv"] / total, "mlp": parts["mlp"] / total, "lm_head": parts["head"] / total}
+
+
+def router_linear_input(args) -> "torch.Tensor":
+    """What a router's Linear reads, from its forward-hook args: the input, times the router's per-token input
+    scale when one is passed (routers scale the Linear's outputs instead of its input)."""
+    x = args[0].detach()
+    return x * args[1] if len(args) > 1 and args[1] is not None else x

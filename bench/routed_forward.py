@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import math
 import os
 import sys
 from dataclasses import dataclass
@@ -30,72 +29,14 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from bench.common import median, round_robin, time_call  # noqa: E402
+from bench.common import (Shape, flop_parts, flop_shares, ideal_ratio, loadavg, median, round_robin,  # noqa: E402
+                          router_linear_input, time_call)
 from skipgpt_dist import RouterConfig, attach_routers, routing_context, routing_stats  # noqa: E402
 
 SMOLLM2_135M = dict(hidden_size=576, intermediate_size=1536, num_attention_heads=9, num_key_value_heads=3,
                     vocab_size=49152, tie_word_embeddings=True, rms_norm_eps=1e-5, hidden_act="silu")
 SKIPS = (0.25, 0.40)  # capacity = 1 - skip
 TARGET_FWD, TARGET_TRAIN = 0.05, 0.07  # allowed gap to the ideal ratio (from the issue)
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# FLOP model
-# ----------------------------------------------------------------------------------------------------------------
-@dataclass(frozen=True)
-class Shape:
-    layers: int
-    d: int
-    heads: int
-    kv_heads: int
-    head_dim: int
-    inter: int
-    vocab: int
-
-
-def flop_parts(shape: Shape, seq_len: int) -> dict[str, float]:
-    """Matmul FLOPs of one forward over one sequence of seq_len tokens (2 FLOPs per multiply-add).
-
-    Per token and layer: q,o projections 2*2*d*H*Dh; k,v projections 2*2*d*Hkv*Dh; MLP (3 matrices) 2*3*d*I.
-    Causal attention (scores QK^T and values PV) over S tokens: 2*2*H*Dh * S(S+1)/2 in total per layer.
-    LM head 2*d*V per token. Norms, RoPE, softmax, embedding lookup, routers (~0.06%) are left out.
-    """
-    s, L = seq_len, shape.layers
-    return {
-        "qo": 2 * 2 * shape.d * shape.heads * shape.head_dim * s * L,
-        "kv": 2 * 2 * shape.d * shape.kv_heads * shape.head_dim * s * L,
-        "attn": 2 * 2 * shape.heads * shape.head_dim * s * (s + 1) / 2 * L,
-        "mlp": 2 * 3 * shape.d * shape.inter * s * L,
-        "head": 2 * shape.d * shape.vocab * s,
-    }
-
-
-def ideal_ratio(parts: dict[str, float], capacity: float, kv_policy: str, train: bool = False) -> float:
-    """FLOPs of a capacity-routed pass over FLOPs of the dense pass.
-
-    kv_policy=all: q/o projections, the attention of the executed queries (c*S queries over all earlier keys:
-    scale c) and the MLP scale by c; K/V projections and the LM head never skip.
-    kv_policy=routed: K/V projections also scale by c; attention scales by c^2 (c*S queries over c*S keys).
-    (facts.md's 0.797 / 0.674 for `routed` scale attention by c, not c^2, hence slightly higher.)
-
-    train=False: the forward ratio, which is also the ideal the issue sets for the router-training step.
-    train=True: a refinement for that step with a frozen base: each projection/MLP/LM-head matmul costs forward +
-    input-gradient = 2x its forward FLOPs (no weight gradients), attention costs forward + dQ, dK, dV
-    (P V and Q K^T each give two backward matmuls) = 3x. Routers and the loss are ignored.
-    """
-    c = capacity
-    attn_scale = c if kv_policy == "all" else c * c
-    kv_scale = 1.0 if kv_policy == "all" else c
-    weights = {"qo": 2, "kv": 2, "attn": 3, "mlp": 2, "head": 2} if train else dict.fromkeys(parts, 1)
-    scale = {"qo": c, "kv": kv_scale, "attn": attn_scale, "mlp": c, "head": 1.0}
-    total = sum(weights[k] * v for k, v in parts.items())
-    return sum(weights[k] * scale[k] * v for k, v in parts.items()) / total
-
-
-def flop_shares(parts: dict[str, float]) -> dict[str, float]:
-    total = sum(parts.values())
-    return {"attention_sublayer": (parts["qo"] + parts["kv"] + parts["attn"]) / total,
-            "kv_projections": parts["kv"] / total, "mlp": parts["mlp"] / total, "lm_head": parts["head"] / total}
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -135,7 +76,7 @@ def router_settings(model, ids: torch.Tensor, mask_capacity: float) -> dict[str,
     for r in routers:
         r.net.weight.zero_()
         r.net.bias.copy_(torch.tensor([10.0, -10.0]))
-    hooks = [r.net.register_forward_hook(lambda mod, args, out, r=r: inputs.__setitem__(r, args[0].detach()))
+    hooks = [r.net.register_forward_hook(lambda mod, args, out, r=r: inputs.__setitem__(r, router_linear_input(args)))
              for r in routers]
     model.eval()
     model(input_ids=ids)
@@ -194,7 +135,9 @@ class Bench:
         if v.mode == "dense":
             return self.dense
         ctx = routing_context(self.routed)
-        ctx.cfg = RouterConfig(mode=v.mode, capacity=v.capacity, kv_policy=v.kv_policy)
+        # static slots at inference too: this bench measures the k = ceil(c * S) slot path that training runs
+        # (dynamic inference slots would run every token here, since every router says execute)
+        ctx.cfg = RouterConfig(mode=v.mode, capacity=v.capacity, kv_policy=v.kv_policy, inference_slots="static")
         load_router_state(self.routed, self.states["mask" if v.mode == "mask" else "capacity"])
         return self.routed
 
@@ -302,14 +245,6 @@ def print_table(rows: list[dict]) -> None:
               f"{r['ideal_train']:>7.3f}{refined:>10}{ev:>17}{tr:>18}{of:>10}  {target}")
 
 
-def _loadavg() -> str:
-    try:
-        with open("/proc/loadavg") as f:
-            return " ".join(f.read().split()[:3])
-    except OSError:
-        return "n/a"
-
-
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--repeats", type=int, help="default 5 (--quick: 2)")
@@ -342,7 +277,7 @@ def main(argv=None) -> dict:
     ref_parts = flop_parts(Shape(30, 576, 9, 3, 64, 1536, 49152), 1024)  # the facts.md sanity check
     sanity = {f"{kv}_skip{int(100 * s)}": round(ideal_ratio(ref_parts, 1 - s, kv), 4)
               for kv in ("all", "routed") for s in SKIPS}
-    print(f"load average at start: {_loadavg()} (other processes skew timings; medians and round-robin limit it)")
+    print(f"load average at start: {loadavg()} (other processes skew timings; medians and round-robin limit it)")
     print(f"SmolLM2-135M shape, {args.layers} layers, batch {args.batch}, seq {args.seq_len}, fp32, "
           f"{args.threads} threads, {args.repeats} repeats (round-robin), torch {torch.__version__}")
     print("FLOP shares at this shape/seq: " + ", ".join(f"{k} {100 * v:.1f}%" for k, v in flop_shares(parts).items()))
@@ -362,11 +297,11 @@ def main(argv=None) -> dict:
     print("\nx = median time / median dense time ((min) = fastest repeat / fastest dense repeat); ideal = FLOP ratio "
           "(train ideal = forward ideal, as the issue sets it; refined = frozen-base backward weighting). "
           "exec a/m = executed fraction attention/MLP; overflow = router-chosen tokens without a slot.")
-    print(f"load average during the run: {_loadavg()}")
+    print(f"load average during the run: {loadavg()}")
     print(f"targets: capacity ratio <= ideal + {TARGET_FWD} (forward) / + {TARGET_TRAIN} (train); mask >= 1.0")
     record = {"bench": "routed_forward", "layers": args.layers, "seq_len": args.seq_len, "batch": args.batch,
               "repeats": args.repeats, "threads": args.threads, "torch": torch.__version__,
-              "loadavg_end": _loadavg(), "flop_shares": flop_shares(parts), "sanity_ideal_30L_1024": sanity, "variants": rows}
+              "loadavg_end": loadavg(), "flop_shares": flop_shares(parts), "sanity_ideal_30L_1024": sanity, "variants": rows}
     print(json.dumps(record))
     return record
 

@@ -34,9 +34,8 @@ def collect_routing(model, tokenizer, text: str, max_tokens: int = 256) -> dict:
     for idx, layer in enumerate(layers):
         for kind, code, router in (("attn", ATTN, layer.skipgpt_attn_router), ("mlp", MLP, layer.skipgpt_mlp_router)):
             def hook(module, args, logits, idx=idx, kind=kind, code=code, layer=layer):
-                valid = ctx.valid_tokens(logits.shape[0], logits.shape[1], logits.device)
-                positions = torch.arange(logits.shape[1], device=logits.device).expand(logits.shape[0], -1)
-                plan = plan_sublayer(logits.detach(), valid, positions, layer._skipgpt, code, False, False)
+                layout = ctx.token_layout(logits.shape[0], logits.shape[1], 0, logits.device)
+                plan = plan_sublayer(logits.detach(), layout, layer._skipgpt, code, False, False)
                 margin = (logits[..., 0] - logits[..., 1]).float()
                 decisions[(idx, kind)] = {"executed": plan.executed[0].tolist(), "margin": margin[0].tolist()}
             hooks.append(router.register_forward_hook(hook))

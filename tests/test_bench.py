@@ -15,3 +15,22 @@ def test_routed_forward_quick_runs():
     variants = {v["variant"]: v for v in result["variants"]}
     assert {"dense", "mask/all", "capacity0.75/all", "capacity0.60/all"} <= set(variants)
     assert variants["capacity0.75/all"]["routing"]["eval"]["attn_execute"] == 0.75
+
+
+def test_generate_quick_runs(tiny_model_dir):
+    proc = subprocess.run([sys.executable, str(ROOT / "bench/generate.py"), "--quick", "--repeats", "1",
+                           "--model", tiny_model_dir, "--json"], capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "| variant |" in proc.stdout  # the markdown table
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    variants = {v["variant"]: v for v in result["variants"]}
+    assert set(variants) == {"dense", "skip25/all", "skip40/all", "skip25/routed", "skip40/routed"}
+    for name, v in variants.items():
+        assert v["prefill_tok_s"] > 0 and v["decode_tok_s"] > 0 and v["kv_bytes"] > 0, name
+    # calibrated routers skip about the requested fraction of the prompt (it is not the calibration text)
+    executed = variants["skip40/routed"]["executed"]["prefill"]
+    assert 0.45 < executed["attn_execute"] < 0.75 and 0.45 < executed["mlp_execute"] < 0.75
+    # kv_policy=routed stores only executed tokens (plus a position and a flag per entry); `all` stores every one
+    routed = variants["skip40/routed"]
+    assert routed["kv_expected"] < 0.8 and routed["kv_expected"] <= routed["kv_ratio"] < routed["kv_expected"] * 1.05
+    assert variants["skip40/all"]["kv_ratio"] >= 1.0

@@ -12,6 +12,7 @@ from skipgpt_dist.routing.gates import hashed_uniform
 
 POLICIES = ("all", "routed")
 PADDINGS = ("none", "left", "right")
+SLOTS = ("static", "dynamic")  # routers.inference_slots: what capacity mode does in these no-grad eval forwards
 
 
 def logits_on_real(model, ids, mask):
@@ -21,7 +22,8 @@ def logits_on_real(model, ids, mask):
 @pytest.mark.parametrize("family", sorted(FAMILIES))
 @pytest.mark.parametrize("policy", POLICIES)
 @pytest.mark.parametrize("padding", PADDINGS)
-def test_capacity_equals_mask_forward(family, policy, padding):
+@pytest.mark.parametrize("slots", SLOTS)
+def test_capacity_equals_mask_forward(family, policy, padding, slots):
     ids, mask = batch(seed=3, padding=padding)
     reference = build(family, mode="mask", kv_policy=policy, skip_shift=0.5)
     with torch.no_grad():
@@ -29,7 +31,8 @@ def test_capacity_equals_mask_forward(family, policy, padding):
         ref_sparsity = routing_stats(reference)["sparsity"]
         assert 0.15 < ref_sparsity < 0.7, "routers must really skip for this test to mean anything"
         for capacity in (1.0, 0.8):
-            routed = build(family, mode="capacity", capacity=capacity, kv_policy=policy, skip_shift=0.5)
+            routed = build(family, mode="capacity", capacity=capacity, kv_policy=policy, skip_shift=0.5,
+                           inference_slots=slots)
             got = logits_on_real(routed, ids, mask)
             stats = routing_stats(routed)
             if any(layer[kind]["overflow"] for layer in stats["layers"] for kind in ("attn", "mlp")):
@@ -41,7 +44,7 @@ def test_capacity_equals_mask_forward(family, policy, padding):
 def test_capacity_below_one_is_exercised_without_overflow():
     """Guards the test above from silently skipping its capacity < 1 case."""
     ids, mask = batch(seed=3, padding="left")
-    model = build("llama_gqa", mode="capacity", capacity=0.8, skip_shift=0.5)
+    model = build("llama_gqa", mode="capacity", capacity=0.8, skip_shift=0.5, inference_slots="static")
     with torch.no_grad():
         model(ids, attention_mask=mask)
     assert all(layer[k]["overflow"] == 0 for layer in routing_stats(model)["layers"] for k in ("attn", "mlp"))
@@ -152,11 +155,11 @@ def incremental_logits(model, ids, mask, prefill):
 
 @pytest.mark.parametrize("family", sorted(FAMILIES))
 @pytest.mark.parametrize("policy", POLICIES)
-@pytest.mark.parametrize("mode", ["mask", "capacity"])
+@pytest.mark.parametrize("mode, slots", [("mask", "dynamic"), ("capacity", "static"), ("capacity", "dynamic")])
 @pytest.mark.parametrize("padding", ["none", "left"])
-def test_cached_decode_equals_full_forward(family, policy, mode, padding):
+def test_cached_decode_equals_full_forward(family, policy, mode, slots, padding):
     ids, mask = batch(seed=11, padding=padding, seq_len=15)
-    model = build(family, mode=mode, capacity=1.0, kv_policy=policy)
+    model = build(family, mode=mode, capacity=1.0, kv_policy=policy, inference_slots=slots)
     with torch.no_grad():
         full = model(ids, attention_mask=mask).logits
         stepped, cache = incremental_logits(model, ids, mask, prefill=5)
@@ -169,15 +172,138 @@ def test_cached_decode_equals_full_forward(family, policy, mode, padding):
 
 
 @pytest.mark.parametrize("policy", POLICIES)
-def test_generate_with_kv_cache_matches_uncached(policy):
+@pytest.mark.parametrize("slots", SLOTS)
+def test_generate_with_kv_cache_matches_uncached(policy, slots):
     ids, mask = batch(seed=13, padding="left", batch_size=2, seq_len=9)
-    model = build("llama_gqa", mode="capacity", capacity=1.0, kv_policy=policy)
+    model = build("llama_gqa", mode="capacity", capacity=1.0, kv_policy=policy, inference_slots=slots)
     kwargs = dict(attention_mask=mask, max_new_tokens=8, do_sample=False, pad_token_id=0)
     with torch.no_grad():
         cached = model.generate(ids, use_cache=True, **kwargs)
         uncached = model.generate(ids, use_cache=False, **kwargs)
     assert cached.shape == (2, 17)
     assert torch.equal(cached, uncached)
+
+
+# ---- dynamic inference slots (capacity mode, eval, no autograd) --------------------------------------------------
+
+@pytest.mark.parametrize("family", ["llama_gqa", "mistral", "qwen2"])
+@pytest.mark.parametrize("policy", POLICIES)
+@pytest.mark.parametrize("padding", PADDINGS)
+def test_dynamic_inference_equals_mask_even_where_static_slots_overflow(family, policy, padding):
+    ids, mask = batch(seed=27, padding=padding)
+    with torch.no_grad():
+        expected = logits_on_real(build(family, mode="mask", kv_policy=policy, skip_shift=0.5), ids, mask)
+        overflow = {}
+        for slots in SLOTS:
+            model = build(family, mode="capacity", capacity=0.3, kv_policy=policy, skip_shift=0.5,
+                          inference_slots=slots)
+            got = logits_on_real(model, ids, mask)
+            overflow[slots] = sum(layer[k]["overflow"] for layer in routing_stats(model)["layers"]
+                                  for k in ("attn", "mlp"))
+    assert overflow["static"] > 0 and overflow["dynamic"] == 0
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)  # got: the dynamic model
+
+
+def call_counter(modules: dict) -> tuple[dict, list]:
+    """Forward hooks counting calls per name; returns (counts, handles)."""
+    counts = dict.fromkeys(modules, 0)
+    handles = [m.register_forward_hook(lambda *_, name=name: counts.__setitem__(name, counts[name] + 1))
+               for name, m in modules.items()]
+    return counts, handles
+
+
+def force_skip(router) -> None:
+    with torch.no_grad():
+        router.net.weight.zero_()
+        router.net.bias.copy_(torch.tensor([-50.0, 50.0]))
+
+
+@pytest.mark.parametrize("policy", POLICIES)
+@pytest.mark.parametrize("slots, use_cache", [("dynamic", False), ("dynamic", True), ("static", True)])
+def test_a_sublayer_no_token_executes_does_not_run(policy, slots, use_cache):
+    ids, mask = batch(seed=29, padding="left")
+    model = build("llama_gqa", mode="capacity", capacity=0.75, kv_policy=policy, inference_slots=slots)
+    reference = build("llama_gqa", mode="mask", kv_policy=policy)
+    for m in (model, reference):
+        force_skip(m.model.layers[1].skipgpt_attn_router)
+        force_skip(m.model.layers[2].skipgpt_mlp_router)
+    attn = model.model.layers[1].self_attn
+    counts, handles = call_counter({"q": attn.q_proj, "k": attn.k_proj, "o": attn.o_proj,
+                                    "mlp": model.model.layers[2].mlp, "other_mlp": model.model.layers[1].mlp})
+    with torch.no_grad():
+        out = model(ids, attention_mask=mask, use_cache=use_cache)
+        expected = reference(ids, attention_mask=mask).logits
+    for h in handles:
+        h.remove()
+    torch.testing.assert_close(out.logits[mask.bool()], expected[mask.bool()], atol=1e-5, rtol=1e-5)
+    if slots == "static":
+        assert counts == {"q": 1, "k": 1, "o": 1, "mlp": 1, "other_mlp": 1}
+        return
+    # kv_policy=all: skipped tokens still store their keys/values for later queries (only with a cache)
+    writes_kv = int(use_cache and policy == "all")
+    assert counts == {"q": 0, "k": writes_kv, "o": 0, "mlp": 0, "other_mlp": 1}
+    if use_cache:
+        layer = out.cache.layers[1]
+        stored = 0 if layer.key_valid is None else int(layer.key_valid.sum())
+        assert stored == (int(mask.sum()) if policy == "all" else 0) and layer.get_seq_length() == ids.shape[1]
+
+
+@pytest.mark.parametrize("family", ["llama_gqa", "mistral", "qwen2"])
+@pytest.mark.parametrize("policy", POLICIES)
+@pytest.mark.parametrize("batch_size, padding", [(1, "none"), (3, "left")])
+def test_dynamic_prefill_and_decode_equal_the_full_forward(family, policy, batch_size, padding):
+    """Token-by-token decode with whole sublayers skipped (a skipped decode token runs nothing) == one forward."""
+    ids, mask = batch(seed=31, padding=padding, batch_size=batch_size, seq_len=16)
+    model = build(family, mode="capacity", capacity=0.5, kv_policy=policy, skip_shift=1.0)
+    reference = build(family, mode="mask", kv_policy=policy, skip_shift=1.0)
+    layers = model.model.layers
+    sublayers = {**{("mlp", i): layer.mlp for i, layer in enumerate(layers)},
+                 **{("attn", i): layer.self_attn.o_proj for i, layer in enumerate(layers)}}
+    with torch.no_grad():
+        full = model(ids, attention_mask=mask).logits
+        expected = reference(ids, attention_mask=mask).logits
+        counts, handles = call_counter(sublayers)
+        stepped, cache = incremental_logits(model, ids, mask, prefill=6)
+    for h in handles:
+        h.remove()
+    real = mask.bool()
+    torch.testing.assert_close(full[real], expected[real], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(stepped[real], full[real], atol=1e-5, rtol=1e-5)
+    forwards = 1 + ids.shape[1] - 6
+    for kind in ("attn", "mlp"):
+        calls = sum(n for (k, _), n in counts.items() if k == kind)
+        assert calls < forwards * len(layers), f"some decode step must skip a whole {kind} sublayer"
+    assert cache.get_seq_length() == ids.shape[1]
+
+
+@pytest.mark.parametrize("policy", POLICIES)
+def test_skipped_attention_leaves_the_block_input_untouched(policy):
+    """With attention skipped the MLP adds into the block's input tensor itself unless it copies: the hidden
+    states the model reports (inputs of later blocks) must still equal the reference's."""
+    ids, mask = batch(seed=35)
+    model = build("llama_gqa", mode="capacity", capacity=0.75, kv_policy=policy)
+    reference = build("llama_gqa", mode="mask", kv_policy=policy)
+    for m in (model, reference):
+        force_skip(m.model.layers[1].skipgpt_attn_router)
+    with torch.no_grad():
+        got = model(ids, attention_mask=mask, output_hidden_states=True).hidden_states
+        expected = reference(ids, attention_mask=mask, output_hidden_states=True).hidden_states
+    for a, b in zip(got, expected):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+
+
+def test_eval_forward_that_records_router_gradients_keeps_static_slots():
+    ids, mask = batch(seed=33)
+    model = build("llama_mha", mode="capacity", capacity=0.5)
+    for name, param in model.named_parameters():
+        param.requires_grad_("skipgpt_" in name)
+    with torch.no_grad():
+        model(ids, attention_mask=mask)
+    dynamic_overflow = sum(layer["attn"]["overflow"] for layer in routing_stats(model)["layers"])
+    model(ids, attention_mask=mask).logits.sum().backward()
+    static_overflow = sum(layer["attn"]["overflow"] for layer in routing_stats(model)["layers"])
+    assert dynamic_overflow == 0 < static_overflow
+    assert model.model.layers[0].skipgpt_attn_router.net.weight.grad is not None
 
 
 def test_eval_is_deterministic_and_training_is_noisy():
@@ -233,6 +359,26 @@ def test_router_parameter_count():
         assert count_router_parameters(model) == 2 * layers * per_router(d)
 
 
+@pytest.mark.parametrize("router_type", ["linear", "mlp"])
+def test_router_reads_its_input_at_unit_rms(router_type):
+    """Routers scale their Linear's outputs by 1/RMS(h) instead of its input: the same logits as normalising h."""
+    from skipgpt_dist.routing.routers import Router
+
+    torch.manual_seed(0)
+    router = Router(48, router_type)
+    with torch.no_grad():
+        for param in router.parameters():
+            param.copy_(torch.randn(param.shape))
+    h = torch.randn(2, 5, 48) * torch.tensor([0.01, 1.0, 300.0, 1.0, 1.0])[None, :, None]
+    h[1, 0] = 0.0  # a zero state (e.g. a zero embedding row) must stay finite, in value and gradient
+    h.requires_grad_(True)
+    reference = router.net(h * torch.rsqrt(h.pow(2).mean(dim=-1, keepdim=True) + 1e-6))
+    got = router(h)
+    torch.testing.assert_close(got, reference, atol=1e-5, rtol=1e-5)
+    got.sum().backward()
+    assert torch.isfinite(h.grad).all()
+
+
 def test_sparsity_loss_pulls_towards_target():
     ids, mask = batch(seed=21)
     model = build("llama_mha", mode="capacity", capacity=1.0, target_sparsity=0.9)
@@ -266,6 +412,7 @@ def test_save_and_load_routers_round_trip(tmp_path):
     (dict(capacity=0.0), "capacity"), (dict(capacity=1.5), "capacity"), (dict(mode="dense"), "mode"),
     (dict(kv_policy="none"), "kv_policy"), (dict(attn_backend="xformers"), "attn_backend"),
     (dict(router_type="conv"), "router_type"), (dict(gate_grad="dense", mode="capacity"), "gate_grad"),
+    (dict(inference_slots="auto"), "inference_slots"),
 ])
 def test_bad_router_config_is_one_line_error(kwargs, needle):
     with pytest.raises(SkipGPTError) as err:

@@ -14,17 +14,26 @@ from torch import nn
 from ..errors import SkipGPTError
 
 
-def rotate_half(x: torch.Tensor) -> torch.Tensor:
-    half = x.shape[-1] // 2
-    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+def rope_tables(cos: torch.Tensor, sin: torch.Tensor, batch: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(cos, signed sin) of shape (B, 1, S, D) for apply_rope, from the model's rotary embeddings (1 or B, S, D).
+
+    Hugging Face's rotate_half(x) = cat(-x2, x1) is roll(x, D/2) with its first half negated; the sign goes into
+    sin here, and the head axis is inserted, once per forward: each rotation is then four ops instead of nine.
+    """
+    half = sin.shape[-1] // 2
+    signed = torch.cat((-sin[..., :half], sin[..., half:]), dim=-1)
+    if cos.shape[0] != batch:
+        cos, signed = cos.expand(batch, -1, -1), signed.expand(batch, -1, -1)
+    return cos.unsqueeze(1), signed.unsqueeze(1)
 
 
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotary embedding with per-token cos/sin of shape (B, S, D) on x of shape (B, H, S, D).
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> torch.Tensor:
+    """Rotary embedding x * cos + rotate_half(x) * sin on x (B, H, S, D), with tables from rope_tables.
 
     cos/sin are gathered at each token's ORIGINAL position, so compacted (gathered) tokens keep their RoPE phase.
     """
-    return x * cos.unsqueeze(1) + rotate_half(x) * sin.unsqueeze(1)
+    # (mul + add rather than a fused addcmul: the same rounding as Hugging Face's own rotation)
+    return x * cos + x.roll(x.shape[-1] // 2, dims=-1) * signed_sin
 
 
 @dataclass(frozen=True)

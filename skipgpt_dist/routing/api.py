@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import os
 from pathlib import Path
@@ -116,6 +117,19 @@ def routing_disabled(model: nn.Module):
         yield model
     finally:
         ctx.enabled = previous
+
+
+@contextlib.contextmanager
+def inference_slots(model: nn.Module, slots: str):
+    """Run with routers.inference_slots=slots (`dynamic` or `static`), e.g. `static` while several ranks evaluate
+    a sharded model: with dynamic slots a rank whose tokens all skip a sublayer would not run it, and ZeRO-3
+    (which gathers parameters per submodule) would leave the other ranks waiting in that sublayer's gather."""
+    ctx = routing_context(model)
+    previous, ctx.cfg = ctx.cfg, dataclasses.replace(ctx.cfg, inference_slots=slots)
+    try:
+        yield model
+    finally:
+        ctx.cfg = previous
 
 
 def routing_stats(model: nn.Module) -> dict:

@@ -72,16 +72,28 @@ def sdpa_attention(q, k, v, q_pos, k_pos, k_valid, window, scale):
     spans = _key_spans(mask, SDPA_QUERY_BLOCK) if _trim_keys(q) else None
     gqa = k.shape[1] != q.shape[1]
     if spans is None:
-        if gqa:
-            repeat = q.shape[1] // k.shape[1]
-            k = k.repeat_interleave(repeat, dim=1)
-            v = v.repeat_interleave(repeat, dim=1)
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
+        k, v, native_gqa = _grouped_kv(q, k, v)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=native_gqa)
     # CPU SDPA handles grouped KV heads natively (enable_gqa): no repeated copies of K/V.
     outs = [F.scaled_dot_product_attention(q_block, k[:, :, lo:hi], v[:, :, lo:hi],
                                            attn_mask=mask[:, :, s:e, lo:hi], scale=scale, enable_gqa=gqa)
             for q_block, (s, e, lo, hi) in zip(q.split(SDPA_QUERY_BLOCK, dim=2), spans)]
     return torch.cat(outs, dim=2)
+
+
+def sdpa_unmasked(q, k, v, scale):
+    """Attention where every query may attend every key (e.g. one decode token over an all-valid cache)."""
+    k, v, native_gqa = _grouped_kv(q, k, v)
+    return F.scaled_dot_product_attention(q, k, v, scale=scale, enable_gqa=native_gqa)
+
+
+def _grouped_kv(q, k, v):
+    """(k, v, enable_gqa): CPU SDPA reads grouped KV heads natively; elsewhere K/V are repeated per query head
+    (not every GPU kernel takes enable_gqa, e.g. with an explicit mask)."""
+    if k.shape[1] == q.shape[1] or q.device.type == "cpu":
+        return k, v, k.shape[1] != q.shape[1]
+    repeat = q.shape[1] // k.shape[1]
+    return k.repeat_interleave(repeat, dim=1), v.repeat_interleave(repeat, dim=1), False
 
 
 def _trim_keys(q: torch.Tensor) -> bool:
@@ -123,10 +135,11 @@ def flex_attention_call(q, k, v, q_pos, k_pos, k_valid, window, scale):
 
 
 def flash_varlen_attention(q, k, v, q_real, k_real, window, scale):
-    """Compacted causal attention: q (B, H, Q, D) real slots first; k/v (B, Hkv, K, D) cache then the same slots.
+    """Compacted causal attention: q (B, H, Q, D) slots in token order; k/v (B, Hkv, K, D) cache then the same
+    slots. Only real entries (q_real, k_real) are packed.
 
     Rows are packed with cu_seqlens; causal=True aligns bottom-right, which is exact here because each row's
-    queries are its last keys.
+    real queries are its last real keys, in the same order.
     """
     from flash_attn import flash_attn_varlen_func
 

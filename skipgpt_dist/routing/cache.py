@@ -19,33 +19,67 @@ class RoutedCacheLayer(DynamicLayer):
 
     def __init__(self):
         super().__init__()
-        self.key_pos: Optional[torch.Tensor] = None
-        self.key_valid: Optional[torch.Tensor] = None
+        self._key_pos: Optional[torch.Tensor] = None
+        self._key_valid: Optional[torch.Tensor] = None
         self.seen = 0
+        self.all_valid = True  # every stored entry is valid (no row padding): attention then needs no key mask
+        # Entry i of every row is token i, valid (nothing dropped, no padding: kv_policy=all on unpadded batches).
+        # Positions and flags are then implied and not stored: two concatenations fewer per layer and token.
+        self.contiguous = True
 
     def lazy_initialization(self, key_states, value_states):
         self.device = key_states.device
         self.is_initialized = True
 
+    @property
+    def key_pos(self) -> Optional[torch.Tensor]:
+        """(B, L) position of each stored entry."""
+        if self.contiguous and self.keys is not None:
+            return torch.arange(self.keys.shape[2], device=self.keys.device).expand(self.keys.shape[0], -1)
+        return self._key_pos
+
+    @property
+    def key_valid(self) -> Optional[torch.Tensor]:
+        """(B, L) entry is real (rows are padded to the longest with invalid entries)."""
+        if self.contiguous and self.keys is not None:
+            return torch.ones(self.keys.shape[0], self.keys.shape[2], dtype=torch.bool, device=self.keys.device)
+        return self._key_valid
+
     def append(self, keys: torch.Tensor, values: torch.Tensor, pos: torch.Tensor, keep: torch.Tensor,
-               new_tokens: int) -> None:
-        """Store the entries of (B, H, L, D) keys/values where keep (B, L) is true, compacted per row."""
+               new_tokens: int, all_kept: bool = False) -> None:
+        """Store the entries of (B, H, L, D) keys/values where keep (B, L) is true, compacted per row.
+
+        all_kept: the caller knows keep is all true (saves a check at every decode step).
+        """
         if not self.is_initialized:
             self.lazy_initialization(keys, values)
-        counts = keep.sum(dim=1)
-        width = int(counts.max()) if keep.numel() else 0
-        length = keep.shape[1]
-        order = torch.where(keep, torch.arange(length, device=keep.device), length + torch.arange(
-            length, device=keep.device)).argsort(dim=1)[:, :width]
-        gather = order[:, None, :, None].expand(-1, keys.shape[1], -1, keys.shape[-1])
-        new = (keys.gather(2, gather), values.gather(2, gather), pos.gather(1, order), keep.gather(1, order))
+        if all_kept:
+            new, rows_even = (keys, values, pos, keep), True
+        else:
+            new, all_kept, rows_even = _compacted(keys, values, pos, keep)
+        self.all_valid = self.all_valid and rows_even
+        # One entry per new token, all kept: entry index stays == position (the block's positions are seen + i)
+        if not (self.contiguous and all_kept and keep.shape[1] == new_tokens):
+            self._spell_out()
         if self.keys is None:
-            self.keys, self.values, self.key_pos, self.key_valid = new
+            self.keys, self.values = new[0], new[1]
         else:
             self.keys = torch.cat([self.keys, new[0]], dim=2)
             self.values = torch.cat([self.values, new[1]], dim=2)
-            self.key_pos = torch.cat([self.key_pos, new[2]], dim=1)
-            self.key_valid = torch.cat([self.key_valid, new[3]], dim=1)
+        if not self.contiguous:
+            self._key_pos = new[2] if self._key_pos is None else torch.cat([self._key_pos, new[2]], dim=1)
+            self._key_valid = new[3] if self._key_valid is None else torch.cat([self._key_valid, new[3]], dim=1)
+        self.seen += new_tokens
+
+    def _spell_out(self) -> None:
+        """Leave contiguous mode: store the implied positions and flags of the entries so far."""
+        if self.contiguous:
+            self._key_pos, self._key_valid = self.key_pos, self.key_valid
+            self.contiguous = False
+
+    def advance(self, new_tokens: int) -> None:
+        """new_tokens were seen and none of them stores a key/value here (kv_policy=routed, all skipped)."""
+        self._spell_out()
         self.seen += new_tokens
 
     def past(self):
@@ -65,20 +99,41 @@ class RoutedCacheLayer(DynamicLayer):
         return self.seen + query_length, 0
 
     def stored_bytes(self) -> int:
-        if self.keys is None:
-            return 0
-        return self.keys.numel() * self.keys.element_size() * 2
+        """Bytes held: keys and values, and the positions and flags when stored (not in contiguous mode)."""
+        held = (self.keys, self.values, self._key_pos, self._key_valid)
+        return sum(t.numel() * t.element_size() for t in held if t is not None)
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
-        if self.keys is not None:
-            for name in ("keys", "values", "key_pos", "key_valid"):
-                tensor = getattr(self, name)
+        for name in ("keys", "values", "_key_pos", "_key_valid"):
+            tensor = getattr(self, name)
+            if tensor is not None:
                 setattr(self, name, tensor.index_select(0, beam_idx.to(tensor.device)))
 
     def reset(self) -> None:
-        self.keys = self.values = self.key_pos = self.key_valid = None
+        self.keys = self.values = self._key_pos = self._key_valid = None
         self.seen = 0
+        self.all_valid = True
+        self.contiguous = True
         self.is_initialized = False
+
+
+def _compacted(keys, values, pos, keep):
+    """The entries where keep is set, moved to the front of each row (original order), rows cut to the longest.
+
+    Returns (entries, whether every entry is kept, whether every row keeps as many: then no row is padded).
+    """
+    length = keep.shape[1]
+    if keep.numel() == 1:  # batch-1 decode: one entry
+        low = width = int(keep.item())
+    else:
+        low, width = (int(v) for v in torch.aminmax(keep.sum(dim=1))) if keep.numel() else (0, 0)
+    if low == length:  # every entry kept: nothing to move
+        return (keys, values, pos, keep), True, True
+    order = torch.where(keep, torch.arange(length, device=keep.device), length + torch.arange(
+        length, device=keep.device)).argsort(dim=1)[:, :width]
+    gather = order[:, None, :, None].expand(-1, keys.shape[1], -1, keys.shape[-1])
+    new = keys.gather(2, gather), values.gather(2, gather), pos.gather(1, order), keep.gather(1, order)
+    return new, False, low == width
 
 
 def routed_cache_layer(cache, layer_idx: int) -> RoutedCacheLayer:

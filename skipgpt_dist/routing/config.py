@@ -17,6 +17,7 @@ MLP_ROUTER_INPUTS = ("block_input", "mlp_input")
 ROUTER_INITS = ("margin", "block_influence")
 ATTN_BACKENDS = ("auto", "sdpa", "flash", "flex")
 GATE_GRADS = ("auto", "executed", "dense")
+INFERENCE_SLOTS = ("dynamic", "static")
 
 
 @dataclass
@@ -57,6 +58,10 @@ class RouterConfig:
     # `dense`: every token, as the paper's official code does (needs mode=mask); `auto`: dense under mode=mask,
     # executed otherwise.
     gate_grad: str = "auto"
+    # mode=capacity when nothing records autograd (eval mode, no grad): `dynamic` sizes each sublayer's slots to
+    # the busiest row's executed tokens (no overflow: equals mask; a sublayer no token executes does not run);
+    # `static` keeps k = ceil(capacity * S) as in training. Distributed evaluation forces static (see evaluate.py).
+    inference_slots: str = "dynamic"
 
     def __post_init__(self):
         self.validate()
@@ -68,6 +73,7 @@ class RouterConfig:
         _choice("mlp_router_input", self.mlp_router_input, MLP_ROUTER_INPUTS)
         _choice("attn_backend", self.attn_backend, ATTN_BACKENDS)
         _choice("gate_grad", self.gate_grad, GATE_GRADS)
+        _choice("inference_slots", self.inference_slots, INFERENCE_SLOTS)
         if not isinstance(self.capacity, (int, float)) or not 0.0 < float(self.capacity) <= 1.0:
             raise SkipGPTError(f"routers.capacity={self.capacity!r} is out of range: use a number in (0, 1], "
                                "e.g. 0.75 for 25% skipping")

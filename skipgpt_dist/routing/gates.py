@@ -60,12 +60,13 @@ class Gates:
     """Decisions of one router for one forward pass.
 
     hard: (B, S) bool, the router's execute decisions (never true on padding).
-    score: (B, S) float, the (noisy in training) margin execute - skip, used to rank tokens for capacity slots.
+    score: (B, S) float, the (noisy in training) margin execute - skip, used to rank tokens for capacity slots;
+        None for a decision taken on the host (dynamic inference slots, one token: nothing to rank).
     soft: (B, S) float execute probability carrying the straight-through gradient, or None without grad.
     """
 
     hard: torch.Tensor
-    score: torch.Tensor
+    score: Optional[torch.Tensor]
     soft: Optional[torch.Tensor]
 
     def straight_through(self, executed: torch.Tensor, dense: bool) -> torch.Tensor:
@@ -88,9 +89,13 @@ class Gates:
 
 
 def draw_gates(logits: torch.Tensor, valid: torch.Tensor, temperature: float,
-               noise: Optional[torch.Tensor]) -> Gates:
-    """Hard straight-through Gumbel-softmax gates (noise given) or deterministic argmax gates (noise None)."""
-    logits = logits.float()
+               noise: Optional[torch.Tensor], all_valid: bool = False) -> Gates:
+    """Hard straight-through Gumbel-softmax gates (noise given) or deterministic argmax gates (noise None).
+
+    all_valid: no token is padding (valid is all true), so the decisions need no masking.
+    """
+    if logits.dtype != torch.float32:
+        logits = logits.float()
     if noise is not None:
         gumbel = -torch.log(-torch.log(noise))
         z = (logits + gumbel) / temperature
@@ -98,8 +103,9 @@ def draw_gates(logits: torch.Tensor, valid: torch.Tensor, temperature: float,
     else:
         z = logits
         soft = torch.softmax(logits, dim=-1)[..., 0] if logits.requires_grad else None
-    score = z[..., 0] - z[..., 1]
-    hard = (score > 0) & valid
+    execute, skip = z.unbind(dim=-1)
+    score = execute - skip
+    hard = score > 0 if all_valid else (score > 0) & valid
     return Gates(hard=hard, score=score, soft=soft)
 
 
@@ -110,13 +116,12 @@ def capacity_slots(seq_len: int, capacity: float) -> int:
 def select_slots(candidates: torch.Tensor, score: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Fill k static slots per row with candidate tokens, highest score first.
 
-    Returns idx (B, k) token indices and real (B, k) bool. Real slots come first and in original token order
-    (so compacted sequences stay causal); padding slots follow and must be discarded by the caller. All k
-    indices of a row are distinct.
+    Returns idx (B, k) token indices, distinct and in original token order (so compacted sequences stay causal),
+    and real (B, k) bool: the slot holds a candidate. Other slots are padding (when a row has fewer than k
+    candidates), interleaved in token order, and must be discarded by the caller.
     """
-    keyed = torch.where(candidates, score, torch.full_like(score, float("-inf")))
-    top_val, top_idx = keyed.topk(k, dim=1)
-    real = torch.isfinite(top_val)
-    order = torch.where(real, top_idx, top_idx.new_full((), keyed.shape[1]) + torch.arange(k, device=score.device))
-    perm = order.argsort(dim=1)
-    return top_idx.gather(1, perm), real.gather(1, perm)
+    keyed = torch.where(candidates, score, float("-inf"))
+    # The top-k set (unordered), then its indices sorted: one small sort of k values instead of a sort of
+    # (real first, then token) keys and two gathers.
+    idx = keyed.topk(k, dim=1, sorted=False).indices.sort(dim=1).values
+    return idx, candidates.gather(1, idx)

@@ -3,6 +3,9 @@
 `mask` runs f on every token and multiplies by g (the reference). `capacity` and `expert_choice` gather the
 chosen tokens into k = ceil(capacity * S) static slots per sequence, run f on the slots only and scatter the
 results back, so compute follows the routers while every shape depends only on (B, S) and the config.
+At inference (`capacity`, nothing recorded by autograd, `inference_slots=dynamic`) k is instead the busiest row's
+number of executed tokens, and a sublayer that no token executes does not run: equal to `mask`, with no padding
+slot work (at batch-1 decode a skipped sublayer costs nothing).
 """
 from __future__ import annotations
 
@@ -13,9 +16,10 @@ import torch
 from torch import nn
 
 from .adapters import AttentionShape, FamilyAdapter, apply_rope
-from .attention import flash_varlen_attention, flex_attention_call, sdpa_attention
+from .attention import (flash_attn_available, flash_varlen_attention, flex_attention_call, sdpa_attention,
+                        sdpa_unmasked)
 from .cache import RoutedCacheLayer, routed_cache_layer
-from .context import RoutingContext
+from .context import RoutingContext, TokenLayout
 from .gates import Gates, capacity_slots, draw_gates, hashed_uniform, select_slots
 
 ATTN, MLP = 0, 1
@@ -41,6 +45,9 @@ class Plan:
     executed: torch.Tensor  # (B, S) bool, after capacity
     idx: Optional[torch.Tensor] = None  # (B, k) token index of each slot
     real: Optional[torch.Tensor] = None  # (B, k) slot holds a token (else padding, discarded)
+    all_executed: bool = False  # dynamic slots: every token executes and nothing records autograd (gate == 1)
+    empty: bool = False  # dynamic slots: no token executes, the sublayer does not run
+    decided: Optional[torch.Tensor] = None  # () number of tokens the router chose, when already known
 
 
 class RoutedLayerMixin:
@@ -56,25 +63,30 @@ def routed_block(layer: nn.Module, h: torch.Tensor, position_embeddings, cache) 
     r: LayerRouting = layer._skipgpt
     ctx = r.ctx
     batch, seq_len, _ = h.shape
-    valid = ctx.valid_tokens(batch, seq_len, h.device)
     cache_layer = routed_cache_layer(cache, r.layer_idx) if cache is not None else None
     past = cache_layer.seen if cache_layer is not None else 0
-    positions = (past + torch.arange(seq_len, device=h.device)).expand(batch, seq_len)
-    cos, sin = (t.expand(batch, -1, -1) for t in position_embeddings)
+    layout = ctx.token_layout(batch, seq_len, past, h.device)
+    valid, positions = layout.valid, layout.positions
+    cos, sin = ctx.rope_tables(position_embeddings, batch)
     decoding = past > 0
 
-    attn_plan = plan_sublayer(layer.skipgpt_attn_router(h), valid, positions, r, ATTN, layer.training, decoding)
-    h_mid = attention_sublayer(layer, r, h, attn_plan, valid, positions, cos, sin, cache_layer)
-    router_in = h if ctx.cfg.mlp_router_input == "block_input" else h_mid
-    mlp_plan = plan_sublayer(layer.skipgpt_mlp_router(router_in), valid, positions, r, MLP, layer.training,
-                             decoding)
-    out = mlp_sublayer(layer, r, h_mid, mlp_plan)
-    record_stats(ctx, r.layer_idx, valid, attn_plan, mlp_plan)
+    attn_router, mlp_router = layer.skipgpt_attn_router, layer.skipgpt_mlp_router
+    scale = attn_router.input_scale(h)  # both routers read h by default: one RMS for the two
+    attn_plan = plan_sublayer(attn_router(h, scale), layout, r, ATTN, layer.training, decoding, h)
+    h_mid = attention_sublayer(layer, r, h, attn_plan, layout, cos, sin, cache_layer)
+    mlp_logits = mlp_router(h, scale) if ctx.cfg.mlp_router_input == "block_input" else mlp_router(h_mid)
+    mlp_plan = plan_sublayer(mlp_logits, layout, r, MLP, layer.training, decoding, h_mid)
+    # h_mid is h itself when no token executed attention: then it is the caller's tensor, not ours to update
+    out = mlp_sublayer(layer, r, h_mid, mlp_plan, h_is_scratch=h_mid is not h)
+    record_stats(ctx, r.layer_idx, valid, layout.count, attn_plan, mlp_plan)
     return out
 
 
-def plan_sublayer(logits, valid, positions, r: LayerRouting, kind: int, training: bool, decoding: bool) -> Plan:
+def plan_sublayer(logits, layout: TokenLayout, r: LayerRouting, kind: int, training: bool, decoding: bool,
+                  x: Optional[torch.Tensor] = None) -> Plan:
+    """x: the sublayer's input; when autograd records it (or the logits), slots stay static."""
     ctx, cfg = r.ctx, r.ctx.cfg
+    valid, positions = layout.valid, layout.positions
     if not ctx.enabled:
         gates = Gates(hard=valid, score=valid.float(), soft=None)
         return Plan(gates=gates, executed=valid)
@@ -82,9 +94,14 @@ def plan_sublayer(logits, valid, positions, r: LayerRouting, kind: int, training
     if training and ctx.noisy:
         ids = ctx.noise_sample_ids(valid.shape[0], valid.device)
         noise = hashed_uniform(ctx.noise_seed, ctx.noise_counter(), ids, r.layer_idx, kind, positions)
-    gates = draw_gates(logits, valid, ctx.temperature, noise)
+    dynamic = cfg.mode == "capacity" and dynamic_slots(cfg.inference_slots, training, logits, x)
+    if dynamic and logits.shape[:2] == (1, 1) and layout.all_valid:
+        return single_token_plan(logits, layout)
+    gates = draw_gates(logits, valid, ctx.temperature, noise, dynamic and layout.all_valid)
     if cfg.mode == "mask":
         return Plan(gates=gates, executed=gates.hard)
+    if dynamic:
+        return dynamic_plan(gates)
     k = capacity_slots(valid.shape[1], cfg.capacity)
     # expert_choice is non-causal (top-k over the whole sequence); at token-by-token decode it falls back to
     # the causal threshold decision with a one-slot capacity.
@@ -94,6 +111,45 @@ def plan_sublayer(logits, valid, positions, r: LayerRouting, kind: int, training
     if cfg.mode == "expert_choice":
         gates = Gates(hard=executed, score=gates.score, soft=gates.soft)
     return Plan(gates=gates, executed=executed, idx=idx, real=real)
+
+
+def dynamic_slots(inference_slots: str, training: bool, logits: torch.Tensor, x: Optional[torch.Tensor]) -> bool:
+    """Data-dependent slot counts only at inference: training (and anything autograd records) keeps static
+    shapes, so that every rank runs every sublayer with the same shapes."""
+    if training or inference_slots != "dynamic":
+        return False
+    return not (torch.is_grad_enabled() and (logits.requires_grad or (x is not None and x.requires_grad)))
+
+
+def dynamic_plan(gates: Gates) -> Plan:
+    """Slots for exactly the executed tokens: k = the busiest row's count, so nothing overflows (== mask).
+
+    Every token executes: no slots (the sublayer runs densely, as in mask mode). None does: zero slots (skipped).
+    """
+    hard = gates.hard
+    low, high = (int(v) for v in torch.aminmax(hard.sum(dim=1)))
+    if low == hard.shape[1]:
+        return Plan(gates=gates, executed=hard, all_executed=True)
+    if high == 0:
+        return Plan(gates=gates, executed=hard, empty=True)
+    # Executed tokens first, in original order (a stable sort of the decisions); the rest of a row's k slots
+    # are padding (its tokens, never executed, are discarded by the scatter).
+    real, idx = torch.sort(hard.view(torch.uint8), dim=1, descending=True, stable=True)
+    return Plan(gates=gates, executed=hard, idx=idx[:, :high], real=real[:, :high].bool())
+
+
+def single_token_plan(logits: torch.Tensor, layout: TokenLayout) -> Plan:
+    """Dynamic slots for one real token (batch-1 decode): its decision read on the host from its two logits.
+
+    Same decision as draw_gates (execute iff logit_execute > logit_skip, in fp32) with one sync and no tensor
+    op: at decode every small op per layer counts, and the sublayer then either runs densely or not at all.
+    """
+    execute, skip = logits.tolist()[0][0]  # exact values in any float dtype
+    if execute > skip:
+        gates = Gates(hard=layout.valid, score=None, soft=None)
+        return Plan(gates=gates, executed=layout.valid, all_executed=True, decided=layout.count)
+    gates = Gates(hard=layout.no_tokens, score=None, soft=None)
+    return Plan(gates=gates, executed=layout.no_tokens, empty=True, decided=layout.zero)
 
 
 def _flat_index(idx: torch.Tensor, seq_len: int) -> torch.Tensor:
@@ -130,11 +186,15 @@ def project_heads(linear: nn.Module, x: torch.Tensor, heads: int, head_dim: int)
     return out.view(*x.shape[:2], heads, head_dim).transpose(1, 2)
 
 
-def attention_sublayer(layer, r: LayerRouting, h, plan: Plan, valid, positions, cos, sin,
+def attention_sublayer(layer, r: LayerRouting, h, plan: Plan, layout: TokenLayout, cos, sin,
                        cache_layer: Optional[RoutedCacheLayer]) -> torch.Tensor:
     ad, shape, cfg = r.adapter, r.shape, r.ctx.cfg
     attn, norm = getattr(layer, ad.attn), getattr(layer, ad.attn_norm)
     routed_kv = cfg.kv_policy == "routed"
+    valid, positions = layout.valid, layout.positions
+    if plan.empty:
+        skipped_attention(layer, r, h, layout, cos, sin, cache_layer)
+        return h
     if plan.idx is None:
         x = norm(h)
         x_q, q_pos, q_cos, q_sin = x, positions, cos, sin
@@ -144,7 +204,7 @@ def attention_sublayer(layer, r: LayerRouting, h, plan: Plan, valid, positions, 
         # per token), not a second norm.
         x_q = norm(gather_tokens(h, plan.idx)) if x is None else gather_tokens(x, plan.idx)
         q_pos = positions.gather(1, plan.idx)
-        q_cos, q_sin = gather_tokens(cos, plan.idx), gather_tokens(sin, plan.idx)
+        q_cos, q_sin = gather_tokens(cos[:, 0], plan.idx)[:, None], gather_tokens(sin[:, 0], plan.idx)[:, None]
     q = apply_rope(project_heads(getattr(attn, ad.q_proj), x_q, shape.heads, shape.head_dim), q_cos, q_sin)
     if routed_kv and plan.idx is not None:
         x_kv, k_pos, k_cos, k_sin, keep = x_q, q_pos, q_cos, q_sin, plan.real
@@ -153,38 +213,90 @@ def attention_sublayer(layer, r: LayerRouting, h, plan: Plan, valid, positions, 
         keep = plan.executed if routed_kv else valid
     k = apply_rope(project_heads(getattr(attn, ad.k_proj), x_kv, shape.kv_heads, shape.head_dim), k_cos, k_sin)
     v = project_heads(getattr(attn, ad.v_proj), x_kv, shape.kv_heads, shape.head_dim)
-    keys, values, key_pos, key_valid = k, v, k_pos, keep
-    if cache_layer is not None:
-        past = cache_layer.past()
-        cache_layer.append(k.detach(), v.detach(), k_pos, keep, new_tokens=h.shape[1])
-        if past is not None:
-            keys, values = torch.cat([past[0], k], dim=2), torch.cat([past[1], v], dim=2)
-            key_pos, key_valid = torch.cat([past[2], k_pos], dim=1), torch.cat([past[3], keep], dim=1)
-    out = run_attention(cfg.attn_backend, q, keys, values, q_pos, key_pos, key_valid, r,
-                        compacted=routed_kv and plan.idx is not None, q_real=plan.real)
+    compacted = routed_kv and plan.idx is not None
+    backend = resolve_backend(cfg.attn_backend, compacted, q)
+    all_kept = cache_layer is not None and layout.all_valid and (not routed_kv or plan.all_executed)
+    keys, values, key_pos, key_valid, open_keys = with_cache(cache_layer, r, k, v, k_pos, keep, h.shape[1],
+                                                             all_kept, backend == "sdpa")
+    out = run_attention(backend, q, keys, values, q_pos, key_pos, key_valid, r, compacted, plan.real, open_keys)
     out = out.transpose(1, 2).reshape(*x_q.shape[:2], shape.heads * shape.head_dim)
     return combine(h, getattr(attn, ad.o_proj)(out), plan, cfg.gate_grad == "dense")
 
 
-def run_attention(backend, q, k, v, q_pos, k_pos, k_valid, r: LayerRouting, compacted: bool, q_real):
-    if backend == "auto":
-        from .attention import flash_attn_available
+def with_cache(cache_layer: Optional[RoutedCacheLayer], r: LayerRouting, k, v, k_pos, keep, new_tokens: int,
+               all_kept: bool, maskless_ok: bool):
+    """(keys, values, key_pos, key_valid, open_keys): this chunk's keys/values after the cached ones.
 
-        backend = "flash" if compacted and q.is_cuda and flash_attn_available() else "sdpa"
+    open_keys: one new token per row over a cache of only valid entries, all inside the window, so every key is
+    allowed (the decode case); with maskless_ok (SDPA serves) positions and flags are then not even fetched.
+    """
+    if cache_layer is None:
+        return k, v, k_pos, keep, False
+    past = cache_layer.past() if k.requires_grad else None
+    cache_layer.append(_detached(k), _detached(v), k_pos, keep, new_tokens=new_tokens, all_kept=all_kept)
+    open_keys = new_tokens == 1 and cache_layer.all_valid and (r.window is None or cache_layer.seen <= r.window)
+    if past is not None:  # autograd records this chunk's keys: attend them, not the cache's detached copy
+        return (torch.cat([past[0], k], dim=2), torch.cat([past[1], v], dim=2), torch.cat([past[2], k_pos], dim=1),
+                torch.cat([past[3], keep], dim=1), open_keys)
+    if k.requires_grad or cache_layer.keys.shape[2] == 0:
+        # (an empty cache: no row kept a key yet, e.g. mask mode; the chunk's rows are then opened by allowed_mask)
+        return k, v, k_pos, keep, open_keys
+    # The cache (appended first) already holds the past and this chunk, minus entries never attended: no copy.
+    if open_keys and maskless_ok:
+        return cache_layer.keys, cache_layer.values, None, None, True
+    return cache_layer.keys, cache_layer.values, cache_layer.key_pos, cache_layer.key_valid, open_keys
+
+
+def _detached(t: torch.Tensor) -> torch.Tensor:
+    return t.detach() if t.requires_grad else t  # (no alias op when there is nothing to detach)
+
+
+def skipped_attention(layer, r: LayerRouting, h, layout: TokenLayout, cos, sin,
+                      cache_layer: Optional[RoutedCacheLayer]) -> None:
+    """Attention that no token executes. Without a cache nothing is needed: no query here, and this forward's
+    later tokens read this layer's keys only through their own queries. With a cache, kv_policy=all still stores
+    every token's key/value (later queries attend them); kv_policy=routed stores nothing."""
+    if cache_layer is None:
+        return
+    if r.ctx.cfg.kv_policy == "routed":
+        cache_layer.advance(h.shape[1])
+        return
+    ad, shape = r.adapter, r.shape
+    attn, x = getattr(layer, ad.attn), getattr(layer, ad.attn_norm)(h)
+    k = apply_rope(project_heads(getattr(attn, ad.k_proj), x, shape.kv_heads, shape.head_dim), cos, sin)
+    v = project_heads(getattr(attn, ad.v_proj), x, shape.kv_heads, shape.head_dim)
+    cache_layer.append(_detached(k), _detached(v), layout.positions, layout.valid, new_tokens=h.shape[1],
+                       all_kept=layout.all_valid)
+
+
+def resolve_backend(backend: str, compacted: bool, q: torch.Tensor) -> str:
+    """`auto`: flash-attn varlen on GPU for compacted (kv_policy=routed) slots, SDPA otherwise."""
+    if backend == "auto":
+        return "flash" if compacted and q.is_cuda and flash_attn_available() else "sdpa"
+    return backend
+
+
+def run_attention(backend, q, k, v, q_pos, k_pos, k_valid, r: LayerRouting, compacted: bool, q_real,
+                  open_keys: bool = False):
+    """backend: resolved (resolve_backend). open_keys: every query may attend every key (no mask needed)."""
     if backend == "flash" and compacted:
         return flash_varlen_attention(q, k, v, q_real, k_valid, r.window, r.scale)
     if backend == "flex":
         return flex_attention_call(q, k, v, q_pos, k_pos, k_valid, r.window, r.scale)
+    if open_keys:
+        return sdpa_unmasked(q, k, v, r.scale)
     return sdpa_attention(q, k, v, q_pos, k_pos, k_valid, r.window, r.scale)
 
 
-def mlp_sublayer(layer, r: LayerRouting, h, plan: Plan) -> torch.Tensor:
+def mlp_sublayer(layer, r: LayerRouting, h, plan: Plan, h_is_scratch: bool) -> torch.Tensor:
+    """h_is_scratch: h is this block's own post-attention tensor, used by nothing after the MLP, so without
+    autograd the MLP output can be added into it in place."""
     ad = r.adapter
     mlp, norm = getattr(layer, ad.mlp), getattr(layer, ad.mlp_norm)
+    if plan.empty:
+        return h
     x = h if plan.idx is None else gather_tokens(h, plan.idx)
-    # h is this block's own post-attention tensor, used by nothing after the MLP: without autograd the MLP output
-    # can be added into it in place.
-    return combine(h, mlp(norm(x)), plan, r.ctx.cfg.gate_grad == "dense", h_is_scratch=True)
+    return combine(h, mlp(norm(x)), plan, r.ctx.cfg.gate_grad == "dense", h_is_scratch=h_is_scratch)
 
 
 def combine(h, out, plan: Plan, dense_grad: bool, h_is_scratch: bool = False) -> torch.Tensor:
@@ -193,6 +305,10 @@ def combine(h, out, plan: Plan, dense_grad: bool, h_is_scratch: bool = False) ->
     h_is_scratch: the caller owns h and never reads it again, so when autograd is not recording it is updated in
     place (no copy of the whole (B, S, d) tensor).
     """
+    in_place = h_is_scratch and h.is_contiguous() and not (torch.is_grad_enabled() and
+                                                           (h.requires_grad or out.requires_grad))
+    if plan.all_executed:  # every gate is 1 and carries no gradient
+        return h.add_(out) if in_place else h + out
     mult = plan.gates.straight_through(plan.executed, dense_grad)
     if plan.idx is None:
         return h + out * mult[..., None].to(out.dtype)
@@ -200,7 +316,7 @@ def combine(h, out, plan: Plan, dense_grad: bool, h_is_scratch: bool = False) ->
     # straight-through gradient.
     if mult.requires_grad:
         out = out * mult.gather(1, plan.idx)[..., None].to(out.dtype)
-    if h_is_scratch and h.is_contiguous() and not (torch.is_grad_enabled() and (h.requires_grad or out.requires_grad)):
+    if in_place:
         rows = torch.where(plan.real[..., None], out, torch.zeros((), dtype=out.dtype, device=out.device))
         batch, seq_len, dim = h.shape
         h.view(batch * seq_len, dim).index_add_(0, _flat_index(plan.idx, seq_len), rows.reshape(-1, dim))
@@ -208,11 +324,17 @@ def combine(h, out, plan: Plan, dense_grad: bool, h_is_scratch: bool = False) ->
     return scatter_add_tokens(h, plan.idx, out, plan.real)
 
 
-def record_stats(ctx: RoutingContext, layer_idx: int, valid, attn_plan: Plan, mlp_plan: Plan) -> None:
-    count = valid.sum()
-    ctx.stats[layer_idx] = {name: {
-        "gate_sum": (p.gates.regulariser_gate() * valid).sum(),  # keeps the ST gradient for the sparsity loss
-        "decided": p.gates.hard.sum().detach(),
-        "executed": p.executed.sum().detach(),
-        "valid": count.detach(),
-    } for name, p in (("attn", attn_plan), ("mlp", mlp_plan))}
+def record_stats(ctx: RoutingContext, layer_idx: int, valid, count, attn_plan: Plan, mlp_plan: Plan) -> None:
+    ctx.stats[layer_idx] = {"attn": _sublayer_stats(attn_plan, valid, count),
+                            "mlp": _sublayer_stats(mlp_plan, valid, count)}
+
+
+def _sublayer_stats(p: Plan, valid, count) -> dict:
+    # As few ops as possible (they run per layer at every decode step): a count is reused where two coincide.
+    decided = p.decided if p.decided is not None else p.gates.hard.sum()
+    executed = decided if p.executed is p.gates.hard else p.executed.sum()
+    if p.gates.soft is None:  # no straight-through gradient: the regulariser's gate is the decision itself
+        gate_sum = decided
+    else:  # keeps the ST gradient for the sparsity loss
+        gate_sum = (p.gates.regulariser_gate() * valid).sum()
+    return {"gate_sum": gate_sum, "decided": decided, "executed": executed, "valid": count}

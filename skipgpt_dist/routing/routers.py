@@ -1,8 +1,27 @@
 """Router modules: a token's hidden state -> two logits [execute, skip]."""
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
+import torch.nn.functional as F
 from torch import nn
+
+RMS_EPS = 1e-6
+
+
+class _InputScaledLinear(nn.Linear):
+    """nn.Linear that can scale each token's input by a per-token scalar, applied to its outputs instead.
+
+    W (s * h) + b == s * (W h) + b: scaling the router's few outputs rather than its d-wide input saves a pass
+    over the hidden states. Still a module call (ZeRO-3 gathers a module's parameters in its forward hooks), and
+    the parameters and state-dict keys are those of nn.Linear.
+    """
+
+    def forward(self, x: torch.Tensor, scale=None) -> torch.Tensor:
+        if scale is None:
+            return super().forward(x)
+        return torch.addcmul(self.bias, F.linear(x, self.weight), scale)
 
 
 class Router(nn.Module):
@@ -21,9 +40,9 @@ class Router(nn.Module):
         self.router_type = router_type
         self.normalize_input = normalize_input
         if router_type == "linear":
-            self.net = nn.Linear(hidden_size, 2)
+            self.net = _InputScaledLinear(hidden_size, 2)
         else:
-            self.net = nn.Sequential(nn.Linear(hidden_size, max(1, hidden_size // 4)), nn.ReLU(),
+            self.net = nn.Sequential(_InputScaledLinear(hidden_size, max(1, hidden_size // 4)), nn.ReLU(),
                                      nn.Linear(max(1, hidden_size // 4), 2))
         self.reset_parameters(init_bias)
 
@@ -36,13 +55,40 @@ class Router(nn.Module):
                     nn.init.zeros_(module.bias)
             last.bias.copy_(torch.tensor([init_bias / 2, -init_bias / 2]))
 
-    def forward(self, h: torch.Tensor) -> torch.Tensor:
-        # Routers are tiny; they run in the hidden states' dtype and the gate logic upcasts to fp32.
-        h = h.to(self.net_dtype)
-        if self.normalize_input:
-            h = h * torch.rsqrt(h.pow(2).mean(dim=-1, keepdim=True) + 1e-6)
-        return self.net(h)
+    def forward(self, h: torch.Tensor, scale: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Logits (..., 2). scale: input_scale(h) when the caller already has it (both routers of a layer
+        read the same h by default; each small op counts at token-by-token decode)."""
+        first = self._first
+        # Routers are tiny; they run in their weights' dtype and the gate logic upcasts to fp32. (Plain attribute
+        # reads, not self.parameters(): this runs twice per layer at every decode step.)
+        if h.dtype != first.weight.dtype:
+            h = h.to(first.weight.dtype)
+        if scale is None:
+            scale = self.input_scale(h)
+        if self.router_type == "linear":
+            return first(h, scale)
+        return self.net[2](self.net[1](first(h, scale)))
+
+    def input_scale(self, h: torch.Tensor) -> Optional[torch.Tensor]:
+        """Per-token 1 / RMS(h) (..., 1) in the router's dtype, or None without input normalisation.
+
+        From the vector norm: one pass over h without a (B, S, d) temporary (pow then mean would write one).
+        """
+        if not self.normalize_input:
+            return None
+        if h.dtype != self._first.weight.dtype:
+            h = h.to(self._first.weight.dtype)
+        norm = torch.linalg.vector_norm(h, dim=-1, keepdim=True)
+        # rsqrt(eps + norm^2 / d): three ops in all (each small op counts at token-by-token decode)
+        return torch.rsqrt(torch.addcmul(self._eps(h), norm, norm, value=1.0 / h.shape[-1]))
+
+    def _eps(self, like: torch.Tensor) -> torch.Tensor:
+        """RMS_EPS as a 0-d tensor on like's device and dtype, made once (a constant, not a buffer or state)."""
+        eps = self.__dict__.get("_eps_tensor")
+        if eps is None or eps.device != like.device or eps.dtype != like.dtype:
+            eps = self.__dict__["_eps_tensor"] = torch.tensor(RMS_EPS, device=like.device, dtype=like.dtype)
+        return eps
 
     @property
-    def net_dtype(self) -> torch.dtype:
-        return next(self.parameters()).dtype
+    def _first(self) -> nn.Linear:
+        return self.net if self.router_type == "linear" else self.net[0]

@@ -5,7 +5,7 @@ import math
 
 import torch
 
-from ..routing import routing_disabled, routing_stats
+from ..routing import inference_slots, routing_disabled, routing_stats
 from . import distributed as D
 from .losses import lm_loss
 
@@ -44,7 +44,10 @@ def evaluate(model, sequences: torch.Tensor, micro_batch_size: int) -> dict:
     was_training = model.training
     model.eval()
     try:
-        routed = _nll(model, sequences, micro_batch_size)
+        # Static slots, as in training: every rank runs every sublayer (sharded parameters are gathered
+        # collectively), and N ranks report what one process reports (dynamic slots would differ on overflow).
+        with inference_slots(model, "static"):
+            routed = _nll(model, sequences, micro_batch_size)
         with routing_disabled(model):
             dense = _nll(model, sequences, micro_batch_size)
     finally:
