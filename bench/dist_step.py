@@ -86,7 +86,8 @@ def run_variant(root: Path, name: str, nproc: int, extra: list[str], ds_config, 
            str(Path(__file__).resolve()), "--worker"]
     if ds_config is not None:
         cmd += ["--ds_config", str(ds_config)]
-    cmd += [f"run_dir={run_dir}", f"optim.micro_batch_size={mbs * (2 // nproc)}", *common, *extra]
+    cmd += ["--config", str(REPO / "configs" / "base_stage1.yaml"), f"run_dir={run_dir}",
+            f"optim.micro_batch_size={mbs * (2 // nproc)}", *common, *extra]
     started = time.time()
     proc = subprocess.run(cmd, cwd=REPO, env=child_env(), capture_output=True, text=True)
     run = Run(run_dir, proc.returncode, proc.stdout + proc.stderr)

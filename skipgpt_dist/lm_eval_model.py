@@ -52,7 +52,7 @@ except ModuleNotFoundError as err:  # lm-eval is an optional extra
     raise SkipGPTError("lm-eval is not installed: pip install 'skipgpt-dist[eval]' (lm-eval==0.4.13)") from None
 
 TASKS_DIR = str(Path(__file__).with_name("lm_eval_tasks"))  # pass to --include_path for the skipgpt_mc task
-_OWN_ARGS = ("pretrained", "mode", "capacity", "routing", "dtype", "device")
+_OWN_ARGS = ("pretrained", "mode", "capacity", "routing", "dtype", "device", "inference_slots")
 # HFLM arguments that still mean something when the model object is built here (the rest are loading options);
 # lm-eval's CLI fills the batch ones from --batch_size / --max_batch_size and trust_remote_code from its flag.
 _BATCH_ARGS = ("batch_size", "max_batch_size")
@@ -72,6 +72,7 @@ class ModelArgs:
     routing: bool = True
     dtype: Optional[str] = None
     device: Optional[str] = None
+    inference_slots: Optional[str] = None  # static: capacity slots as in training (overflow skips); default dynamic
     hflm: dict = field(default_factory=dict)  # passed on to HFLM unchanged
 
 
@@ -80,7 +81,7 @@ def check_model_args(args: dict) -> ModelArgs:
     unknown = sorted(set(args) - set(_OWN_ARGS) - set(_HFLM_ARGS))
     if unknown:
         raise SkipGPTError(f"unknown model_args {', '.join(unknown)} for --model skipgpt: use pretrained=DIR, mode, "
-                           f"capacity, routing=on|off, dtype, device (or lm-eval's {', '.join(_HFLM_OPTIONS)})")
+                           f"capacity, routing=on|off, dtype, device, inference_slots=dynamic|static (or lm-eval's {', '.join(_HFLM_OPTIONS)})")
     pretrained = args.get("pretrained")
     if pretrained in (None, ""):
         raise SkipGPTError(f"--model skipgpt needs --model_args pretrained=DIR: {_WHAT}")
@@ -90,8 +91,12 @@ def check_model_args(args: dict) -> ModelArgs:
     if mode is not None and mode not in MODES:
         raise SkipGPTError(f"mode={mode!r} is not a routing mode: use one of {', '.join(MODES)} "
                            "(or leave it out for the trained mode)")
+    slots = args.get("inference_slots")
+    if slots is not None and slots not in ("dynamic", "static"):
+        raise SkipGPTError(f"inference_slots={slots!r} is not supported: use dynamic (no overflow, skipped sublayers "
+                           "cost nothing) or static (capacity slots as in training)")
     return ModelArgs(str(Path(str(pretrained)).expanduser()), mode, _capacity(args.get("capacity")),
-                     _routing(args.get("routing", "on")), _dtype(args.get("dtype")), args.get("device"),
+                     _routing(args.get("routing", "on")), _dtype(args.get("dtype")), args.get("device"), slots,
                      {k: v for k, v in args.items() if k in _HFLM_ARGS})
 
 
@@ -143,9 +148,17 @@ def load_model_and_tokenizer(opts: ModelArgs):
         from .training.restore import load_checkpoint_model  # base + routers (+ LoRA) and the base's tokenizer
 
         model, tokenizer, _ = load_checkpoint_model(str(folder), opts.mode, opts.capacity)
-        return _place(model, opts.dtype, device), tokenizer
+        return _with_slots(_place(model, opts.dtype, device), opts), tokenizer
     model = load_routed_model(folder, opts.mode, opts.capacity, opts.dtype, device)
-    return model, _folder_tokenizer(folder)
+    return _with_slots(model, opts), _folder_tokenizer(folder)
+
+
+def _with_slots(model, opts: ModelArgs):
+    if opts.inference_slots is not None:
+        from .routing import routing_context
+
+        routing_context(model).cfg.inference_slots = opts.inference_slots
+    return model
 
 
 def _folder_tokenizer(folder: Path):
@@ -225,7 +238,7 @@ class SkipGPTLM(HFLM):
     def routing_summary(self) -> dict:
         cfg, summary = self.router_cfg, {"pretrained": self.skipgpt_args.pretrained}
         summary.update(routing="on" if self.meter is not None else "off", mode=cfg.mode, capacity=cfg.capacity,
-                       kv_policy=cfg.kv_policy)
+                       kv_policy=cfg.kv_policy, inference_slots=cfg.inference_slots)
         return {**summary, **(self.meter.summary() if self.meter is not None else {})}
 
     def get_model_info(self) -> dict:

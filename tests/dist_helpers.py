@@ -79,8 +79,9 @@ def train(run_dir, overrides, *, launcher="torchrun", nproc=2, config=None, ds_c
     cmd = launch_cmd(launcher, nproc)
     if ds_config is not None:
         cmd += ["--ds_config", str(ds_config)]
-    if config is not None:
-        cmd += ["--config", str(config)]
+    # configs/base_stage1.yaml unless told: never the demo config, whose recipe is tuned for SmolLM2 (and whose
+    # block-influence warm start needs one process)
+    cmd += ["--config", str(config if config is not None else REPO / "configs" / "base_stage1.yaml")]
     cmd += [f"run_dir={run_dir}", *overrides]
     proc = subprocess.run(cmd, cwd=REPO, env=child_env(env), capture_output=True, text=True, timeout=timeout)
     return Run(Path(run_dir), proc.returncode, proc.stdout + proc.stderr)

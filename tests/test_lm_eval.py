@@ -76,9 +76,11 @@ def tiny_export(tiny_model_dir, tmp_path_factory) -> Path:
 
 
 def test_cli_runs_skipgpt_mc_on_tiny_export(tiny_export, tmp_path):
-    # capacity=0.5: every router wants to execute, so half the tokens of each sequence overflow and are skipped
+    # capacity=0.5 with static slots: every router wants to execute, so half the tokens of each sequence overflow
+    # and are skipped (dynamic inference slots, the default, never overflow)
     out = tmp_path / "results"
-    proc = cli(["--model", "skipgpt", "--model_args", f"pretrained={tiny_export},capacity=0.5,dtype=float32",
+    proc = cli(["--model", "skipgpt", "--model_args",
+                f"pretrained={tiny_export},capacity=0.5,dtype=float32,inference_slots=static",
                 "--tasks", "skipgpt_mc", "--include_path", str(TASKS_DIR), "--output_path", str(out)])
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-6000:]
     files = sorted(out.rglob("results_*.json"))
