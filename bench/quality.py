@@ -125,7 +125,7 @@ def static_rows(preset: Preset, sparsities, out: Path) -> tuple[list[Row], float
     cfg = load_config(str(ROOT / preset.stage1_config), preset.common + ["routers.mode=mask", f"run_dir={out}/static"])
     model, tokenizer, _ = build_model(cfg)
     batches, held_out = build_data(cfg, tokenizer)
-    calibration = _calibration_sequences(batches, preset.calibration_sequences)
+    calibration = batches.peek_sequences(preset.calibration_sequences)
     flops = sublayer_flops(model.config)
     log(f"block influence on {len(calibration)} training sequences")
     influence = block_influence(model, calibration, cfg.optim.micro_batch_size)
@@ -142,13 +142,6 @@ def static_rows(preset: Preset, sparsities, out: Path) -> tuple[list[Row], float
             log(f"{method} @ {sparsity:.0%}: ppl {rows[-1].ppl:.2f}")
     (out / "block_influence.json").write_text(json.dumps({"layer": influence.layer, "attn": influence.attn}) + "\n")
     return rows, dense_ppl, flops
-
-
-def _calibration_sequences(batches, count: int) -> torch.Tensor:
-    seqs = []
-    while sum(len(s) for s in seqs) < count:
-        seqs += [micro["input_ids"] for micro in batches.next_step()]
-    return torch.cat(seqs)[:count]
 
 
 # ---------------------------------------------------------------- SkipGPT training

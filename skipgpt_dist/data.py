@@ -324,6 +324,16 @@ class PackedBatches:
         self.index += self.global_batch_size
         return out
 
+    def peek_sequences(self, count: int) -> torch.Tensor:
+        """The next `count` sequences of this rank's stream (count, seq_len), leaving the data position as it was
+        (for calibration passes that must not change what training sees)."""
+        state = self.state_dict()
+        sequences = []
+        while sum(len(s) for s in sequences) < count:
+            sequences += [micro["input_ids"] for micro in self.next_step()]
+        self.load_state_dict(state)
+        return torch.cat(sequences)[:count]
+
     def state_dict(self) -> dict:
         return {"epoch": self.epoch, "index": self.index, "num_sequences": self.num_sequences, "seed": self.seed}
 

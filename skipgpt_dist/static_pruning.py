@@ -100,9 +100,7 @@ def set_static_routing(model, attn_skip: list[int], mlp_skip: list[int]) -> None
                 if isinstance(module, torch.nn.Linear):
                     module.weight.zero_()
                     module.bias.zero_()
-            last = router.net if isinstance(router.net, torch.nn.Linear) else router.net[-1]
-            margin = -STATIC_MARGIN if idx in skip else STATIC_MARGIN
-            last.bias.copy_(torch.tensor([margin / 2, -margin / 2]))
+            router.set_margin_bias(-STATIC_MARGIN if idx in skip else STATIC_MARGIN)
 
 
 @torch.no_grad()
@@ -126,8 +124,5 @@ def init_routers_from_influence(model, influence: BlockInfluence, skip_fractions
         mlp_skip = least_influential(influence.mlp, round(mlp_frac * layers))
     for idx, layer in enumerate(routed_layers(model)):
         for name, skip in zip(ROUTER_NAMES, (attn_skip, mlp_skip)):
-            net = getattr(layer, name).net
-            last = net if isinstance(net, torch.nn.Linear) else net[-1]
-            margin = skip_margin if idx in skip else execute_margin
-            last.bias.copy_(torch.tensor([margin / 2, -margin / 2], dtype=last.bias.dtype))
+            getattr(layer, name).set_margin_bias(skip_margin if idx in skip else execute_margin)
     return attn_skip, mlp_skip

@@ -86,10 +86,7 @@ def apply_shifts(model, shifts: dict[str, list[float]]) -> None:
     """Add shift to each router's margin: bias[execute] += s/2, bias[skip] -= s/2."""
     for idx, layer in enumerate(routed_layers(model)):
         for kind, name in zip(KINDS, ROUTER_NAMES):
-            net = getattr(layer, name).net
-            last = net if isinstance(net, torch.nn.Linear) else net[-1]
-            s = shifts[kind][idx]
-            last.bias += torch.tensor([s / 2, -s / 2], dtype=last.bias.dtype, device=last.bias.device)
+            getattr(layer, name).set_margin_bias(shifts[kind][idx], add=True)
 
 
 def calibrate_routers(model, sequences: torch.Tensor, method: str = "per_layer", micro_batch_size: int = 4,

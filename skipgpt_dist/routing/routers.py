@@ -47,13 +47,24 @@ class Router(nn.Module):
         self.reset_parameters(init_bias)
 
     def reset_parameters(self, init_bias: float = 2.0) -> None:
-        last = self.net if isinstance(self.net, nn.Linear) else self.net[-1]
         with torch.no_grad():
             for module in self.modules():
                 if isinstance(module, nn.Linear):
                     nn.init.normal_(module.weight, std=0.01)
                     nn.init.zeros_(module.bias)
-            last.bias.copy_(torch.tensor([init_bias / 2, -init_bias / 2]))
+        self.set_margin_bias(init_bias)
+
+    @property
+    def last_linear(self) -> nn.Linear:
+        """The layer whose bias holds the [execute, skip] offset."""
+        return self.net if isinstance(self.net, nn.Linear) else self.net[-1]
+
+    @torch.no_grad()
+    def set_margin_bias(self, margin: float, add: bool = False) -> None:
+        """Set (or with add=True shift) the execute - skip margin the last bias contributes: [m/2, -m/2]."""
+        bias = self.last_linear.bias
+        value = torch.tensor([margin / 2, -margin / 2], dtype=bias.dtype, device=bias.device)
+        bias.add_(value) if add else bias.copy_(value)
 
     def forward(self, h: torch.Tensor, scale: Optional[torch.Tensor] = None) -> torch.Tensor:
         """Logits (..., 2). scale: input_scale(h) when the caller already has it (both routers of a layer

@@ -1,8 +1,6 @@
 """routers.init=block_influence: warm-start stage-1 routers from a ShortGPT ranking of the sublayers."""
 from __future__ import annotations
 
-import torch
-
 from ..errors import SkipGPTError
 from ..static_pruning import block_influence, init_routers_from_influence
 from .reporting import log
@@ -21,12 +19,7 @@ def warm_start_routers(cfg, model, batches) -> None:
         raise SkipGPTError(f"routers.init=block_influence runs the whole model before sharding and needs "
                            f"parallel.backend=none (got {cfg.parallel.backend}): warm-start in a one-process run "
                            "(a few steps), then continue distributed with resume, or use routers.init=margin")
-    state = batches.state_dict()
-    sequences = []
-    while sum(len(s) for s in sequences) < CALIBRATION_SEQUENCES:
-        sequences += [micro["input_ids"] for micro in batches.next_step()]
-    batches.load_state_dict(state)
-    influence = block_influence(model, torch.cat(sequences)[:CALIBRATION_SEQUENCES], cfg.optim.micro_batch_size)
+    influence = block_influence(model, batches.peek_sequences(CALIBRATION_SEQUENCES), cfg.optim.micro_batch_size)
     if routers.target_sparsity_attn is not None:
         fractions = (routers.target_sparsity_attn, routers.target_sparsity_mlp)
     else:
