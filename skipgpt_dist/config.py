@@ -142,6 +142,9 @@ class StageConfig(_Section):
     init_from: Optional[str] = None
     # Stage 2: keep training the routers alongside LoRA.
     train_routers: bool = False
+    # Stage 2 with train_routers: sample Gumbel gates (at routers.temperature_end) as stage 1 does, or (false) train
+    # through the deterministic decisions that evaluation and serving use, so LoRA adapts to exactly those.
+    router_noise: bool = False
     lora: LoraConfig = _section(LoraConfig)
 
     def validate(self):

@@ -127,6 +127,12 @@ def test_quality_bench_quick_runs_end_to_end(quick_bench):
     stage2 = [r for r in data["rows"] if r["method"].endswith("(LoRA)") and r["target"] == 0.40][0]
     assert stage2["sparsity"] > 0.3  # stage 2 runs on the calibrated stage-1 routers
     assert (out / "stage2_40" / "checkpoints").is_dir()
+    assert "x routing off" in report and all(r["ppl_routing_off"] > 1 for r in data["rows"])
+    from safetensors.torch import load_file
+
+    from skipgpt_dist.checkpoint import find_checkpoint
+    trained = load_file(str(find_checkpoint(out / "stage2_25") / "trainable.safetensors"))
+    assert any("skipgpt_" in k for k in trained) and any("lora_" in k for k in trained)  # routers hold the target
 
 
 def test_calibrate_tool_writes_a_copy_with_new_router_biases(quick_bench, tmp_path):

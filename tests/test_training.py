@@ -83,6 +83,25 @@ def test_stage2_trains_only_lora_from_the_stage1_checkpoint(stage1_run, tiny_mod
     assert all(r["sparsity_loss"] == 0 for r in metrics(tmp_path / "s2"))
 
 
+def test_stage2_with_trainable_routers_answers_to_this_stages_target(stage1_run, tiny_model_dir, text_files,
+                                                                      tmp_path):
+    """stage.train_routers: routers train beside LoRA towards the stage-2 config's target (not stage 1's saved
+    one), through deterministic gates by default (router_noise=false: no Gumbel noise, as at evaluation)."""
+    stage1_dir, stage1 = stage1_run
+    start = stage1.final_eval["attn_sparsity"] / 2 + stage1.final_eval["mlp_sparsity"] / 2
+    result = run_tiny(tiny_model_dir, text_files, tmp_path / "s2", f"stage.init_from={stage1_dir}",
+                      "stage.train_routers=true", "routers.target_sparsity=0.6", "optim.max_steps=12",
+                      "optim.lr=0.05", config="configs/tiny_stage2.yaml")
+    trained = load_file(str(result.checkpoint / "trainable.safetensors"))
+    assert any("lora_" in name for name in trained) and any("skipgpt_" in name for name in trained)
+    rows = metrics(tmp_path / "s2")
+    assert all(r["sparsity_loss"] > 0 for r in rows)
+    end = 0.5 * (rows[-1]["attn_sparsity"] + rows[-1]["mlp_sparsity"])
+    assert start < 0.45 and end > start + 0.1, (start, end)
+    ctx_cfg = load_config(str(result.checkpoint / "config.yaml"))
+    assert ctx_cfg.stage.router_noise is False and ctx_cfg.routers.target_sparsity == 0.6
+
+
 @pytest.mark.parametrize("stage", [1, 2])
 def test_resume_gives_the_trajectory_of_a_run_never_stopped(stage, stage1_run, tiny_model_dir, text_files,
                                                             tmp_path):

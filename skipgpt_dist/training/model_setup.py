@@ -69,7 +69,9 @@ def prepare_model(model, cfg, routers_file: Path | None = None):
         # Keep the policy the routers were trained under; execute as this stage's config says.
         router_cfg = saved_router_config(routers_file).with_execution(cfg.routers.mode, cfg.routers.capacity)
         if cfg.stage.train_routers:
-            router_cfg.gate_grad = cfg.routers.gate_grad
+            # Routers that keep training answer to this stage's regulariser (targets, alpha) and estimator.
+            for key in ("gate_grad", "target_sparsity", "target_sparsity_attn", "target_sparsity_mlp", "alpha"):
+                setattr(router_cfg, key, getattr(cfg.routers, key))
             router_cfg.validate()
     attach_routers(model, router_cfg)
     for param in model.parameters():
@@ -80,7 +82,8 @@ def prepare_model(model, cfg, routers_file: Path | None = None):
             param.requires_grad_("skipgpt_" in name)
         return model
     load_routers(model, routers_file)
-    ctx.noisy = cfg.stage.train_routers
+    # Frozen routers decide deterministically, as at evaluation; trained ones sample Gumbel gates only if asked.
+    ctx.noisy = cfg.stage.train_routers and cfg.stage.router_noise
     ctx.temperature = router_cfg.temperature_end
     model = apply_lora(model, cfg.stage.lora)
     if cfg.stage.train_routers:
