@@ -127,12 +127,14 @@ def routers_file(path: str) -> Path:
 # ----------------------------------------------------------------------------------------------------------------
 # Measurement
 # ----------------------------------------------------------------------------------------------------------------
-def cache_bytes(cache) -> int:
-    """Bytes the cache holds: keys and values, plus a routed cache's per-entry positions and flags when stored."""
+def cache_bytes(cache, reserved: bool = False) -> int:
+    """Bytes the cache holds: keys and values, plus a routed cache's per-entry positions and flags when stored.
+
+    reserved: also the unused headroom of a routed cache's append buffers (allocated, not yet filled)."""
     total = 0
     for layer in cache.layers:
         if hasattr(layer, "stored_bytes"):
-            total += layer.stored_bytes()
+            total += layer.reserved_bytes() if reserved else layer.stored_bytes()
         elif layer.keys is not None:
             total += sum(t.numel() * t.element_size() for t in (layer.keys, layer.values))
     return total
@@ -161,7 +163,8 @@ def generate(model, ids: torch.Tensor, new_tokens: int, on_step=None) -> dict:
         decode = time.perf_counter() - start
     finally:
         gc.enable()
-    return {"prefill_s": prefill, "decode_s": decode, "kv_bytes": cache_bytes(cache)}
+    return {"prefill_s": prefill, "decode_s": decode, "kv_bytes": cache_bytes(cache),
+            "kv_reserved_bytes": cache_bytes(cache, reserved=True)}
 
 
 class Bench:
@@ -195,11 +198,13 @@ class Bench:
             for i, value in enumerate((s["attn_execute"] * tokens, s["mlp_execute"] * tokens, tokens)):
                 sums[phase][i] += value
 
-        kv = self.measure(v, on_step)["kv_bytes"]
+        measured = self.measure(v, on_step)
+        kv = measured["kv_bytes"]
         self.stats[v.name] = {phase: {"attn_execute": a / n, "mlp_execute": m / n} for phase, (a, m, n) in sums.items()}
         total = sums["prefill"][2] + sums["decode"][2]
         self.stats[v.name]["attn_execute_all"] = (sums["prefill"][0] + sums["decode"][0]) / total
         self.stats[v.name]["kv_bytes"] = kv
+        self.stats[v.name]["kv_reserved_bytes"] = measured["kv_reserved_bytes"]
 
 
 def routed_config(args) -> RouterConfig:
@@ -258,6 +263,7 @@ def summarise(results: dict, variants: list[Variant], stats: dict, shape, prompt
                                                           mlp=d["mlp_execute"])
             row["kv_bytes"] = st["kv_bytes"]
             row["kv_ratio"] = st["kv_bytes"] / dense_kv
+            row["kv_reserved_ratio"] = st["kv_reserved_bytes"] / dense_kv
             row["kv_expected"] = st["attn_execute_all"] if v.kv_policy == "routed" else 1.0
         else:
             row.update(prefill_ideal=1.0, decode_ideal_speedup=1.0, kv_bytes=dense_kv, kv_ratio=1.0, kv_expected=1.0)
@@ -352,6 +358,10 @@ def main(argv=None) -> dict:
           "fractions, LM head on the last token only); decode speedup: dense time / routed time for the decoded "
           "tokens (ideal: inverse FLOP ratio per decoded token at the mean context); KV: bytes the cache holds "
           "after prefill + decode (a routed cache adds per-entry positions and flags).")
+    reserved = [f"{r['variant']} {r['kv_reserved_ratio']:.3f}" for r in rows if "kv_reserved_ratio" in r]
+    if reserved:
+        print("KV reserved x dense (routed caches append into buffers with 1/8 headroom, at least 16 entries per "
+              "layer, so a token's append copies one entry, not the cache): " + ", ".join(reserved))
     for line in targets(rows):
         print(line)
     print(f"load average at end: {loadavg()}")

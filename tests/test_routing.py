@@ -475,3 +475,43 @@ def test_with_execution_switches_mode_and_resets_the_estimator():
     assert (served.mode, served.capacity, served.gate_grad, served.kv_policy) == ("capacity", 0.75, "executed",
                                                                                   "routed")
     assert trained.with_execution().gate_grad == "dense"
+
+
+# ---- KV cache append buffers -------------------------------------------------------------------------------------
+
+def test_routed_cache_appends_into_buffers_equal_to_concatenation():
+    """Inference appends write into preallocated buffers (regrown when full); the stored keys/values must always
+    equal plain concatenation, also after reorder_cache (beam search) and with autograd recording (cat path)."""
+    from skipgpt_dist.routing.cache import KV_BUFFER_MIN_HEADROOM, RoutedCacheLayer
+
+    gen = torch.Generator().manual_seed(0)
+    layer, ref_k, ref_v = RoutedCacheLayer(), [], []
+
+    def append(n):
+        k, v = torch.randn(2, 3, n, 4, generator=gen), torch.randn(2, 3, n, 4, generator=gen)
+        pos = (layer.seen + torch.arange(n)).expand(2, n)
+        layer.append(k, v, pos, torch.ones(2, n, dtype=torch.bool), new_tokens=n, all_kept=True)
+        ref_k.append(k)
+        ref_v.append(v)
+
+    with torch.no_grad():
+        append(5)  # prefill: stored as given
+        buffers_seen = set()
+        for _ in range(2 * KV_BUFFER_MIN_HEADROOM + 10):  # enough single-token appends to regrow
+            append(1)
+            buffers_seen.add(layer._buffers[0].data_ptr())
+            assert torch.equal(layer.keys, torch.cat(ref_k, dim=2)) and torch.equal(layer.values, torch.cat(ref_v, 2))
+        assert len(buffers_seen) >= 2, "the buffers must have been regrown at least once"
+        assert layer.reserved_bytes() > layer.stored_bytes() == 2 * layer.keys.numel() * 4
+        beams = torch.tensor([1, 0])
+        layer.reorder_cache(beams)
+        ref_k, ref_v = [torch.cat(ref_k, dim=2)[beams]], [torch.cat(ref_v, dim=2)[beams]]
+        append(1)
+        assert torch.equal(layer.keys, torch.cat(ref_k, dim=2)) and torch.equal(layer.values, torch.cat(ref_v, 2))
+    append(1)  # grad enabled: what a recording forward attends (and autograd may save) is a fresh tensor
+    saved, before, version = layer.keys, layer.keys.clone(), layer.keys._version
+    assert saved.data_ptr() != layer._buffers[0].data_ptr(), "with grad enabled appends concatenate"
+    with torch.no_grad():
+        append(1)  # must not write into the saved tensor
+    assert torch.equal(saved, before) and saved._version == version
+    assert torch.equal(layer.keys, torch.cat(ref_k, dim=2))

@@ -13,6 +13,10 @@ import torch
 from transformers.cache_utils import DynamicLayer
 
 
+# Entries of headroom at least, when the key/value append buffers are (re)allocated.
+KV_BUFFER_MIN_HEADROOM = 16
+
+
 class RoutedCacheLayer(DynamicLayer):
     is_compileable = False
     is_sliding = False
@@ -26,6 +30,11 @@ class RoutedCacheLayer(DynamicLayer):
         # Entry i of every row is token i, valid (nothing dropped, no padding: kv_policy=all on unpadded batches).
         # Positions and flags are then implied and not stored: two concatenations fewer per layer and token.
         self.contiguous = True
+        # Inference appends write into preallocated key/value buffers with headroom (keys/values are views of
+        # their first `seen` entries): one token's entries are copied per step, not the whole cache as with cat
+        # (which also hands every layer a fresh multi-page allocation per token).
+        self._buffers: Optional[tuple[torch.Tensor, torch.Tensor]] = None
+        self._buffered = 0  # entries the buffers hold
 
     def lazy_initialization(self, key_states, value_states):
         self.device = key_states.device
@@ -63,13 +72,47 @@ class RoutedCacheLayer(DynamicLayer):
             self._spell_out()
         if self.keys is None:
             self.keys, self.values = new[0], new[1]
-        else:
+        elif torch.is_grad_enabled():
+            # Autograd may save the returned keys for a backward pass: later appends must not write into them.
             self.keys = torch.cat([self.keys, new[0]], dim=2)
             self.values = torch.cat([self.values, new[1]], dim=2)
+        else:
+            self.keys, self.values = self._buffered_append(new[0], new[1])
         if not self.contiguous:
             self._key_pos = new[2] if self._key_pos is None else torch.cat([self._key_pos, new[2]], dim=1)
             self._key_valid = new[3] if self._key_valid is None else torch.cat([self._key_valid, new[3]], dim=1)
         self.seen += new_tokens
+
+    def _buffered_append(self, keys: torch.Tensor, values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(keys, values) with the new entries after the stored ones, written into the buffers (grown when full).
+
+        The buffers are trusted only while the stored tensors are still their views (same storage, same length):
+        anything that replaced keys/values (reorder_cache, HF's crop or batch selection) starts new buffers.
+        """
+        stored, needed = self.keys.shape[2], self.keys.shape[2] + keys.shape[2]
+        buffers = self._buffers
+        usable = (buffers is not None and self._buffered == stored and buffers[0].shape[2] >= needed
+                  and buffers[0].data_ptr() == self.keys.data_ptr() and buffers[1].data_ptr() == self.values.data_ptr()
+                  and buffers[0].shape[:2] == keys.shape[:2] and buffers[0].dtype == keys.dtype)
+        if not usable:
+            # Headroom of 1/8 of the length (at least KV_BUFFER_MIN_HEADROOM entries): a regrow copies the cache
+            # once per length/8 appended tokens, and at most ~1/8 more memory is reserved than used.
+            capacity = needed + max(KV_BUFFER_MIN_HEADROOM, needed // 8)
+            buffers = tuple(t.new_empty(*t.shape[:2], capacity, t.shape[3]) for t in (self.keys, self.values))
+            buffers[0][:, :, :stored] = self.keys
+            buffers[1][:, :, :stored] = self.values
+            self._buffers = buffers
+        buffers[0][:, :, stored:needed] = keys
+        buffers[1][:, :, stored:needed] = values
+        self._buffered = needed
+        return buffers[0][:, :, :needed], buffers[1][:, :, :needed]
+
+    def reserved_bytes(self) -> int:
+        """Bytes allocated: stored_bytes plus the unused headroom of the append buffers."""
+        buffers = self._buffers
+        if buffers is None or self.keys is None or buffers[0].data_ptr() != self.keys.data_ptr():
+            return self.stored_bytes()
+        return self.stored_bytes() + sum(b[:, :, self._buffered:].numel() * b.element_size() for b in buffers)
 
     def _spell_out(self) -> None:
         """Leave contiguous mode: store the implied positions and flags of the entries so far."""
@@ -99,7 +142,8 @@ class RoutedCacheLayer(DynamicLayer):
         return self.seen + query_length, 0
 
     def stored_bytes(self) -> int:
-        """Bytes held: keys and values, and the positions and flags when stored (not in contiguous mode)."""
+        """Bytes of the stored entries: keys and values, and the positions and flags when stored (not in contiguous
+        mode). The append buffers' unused headroom is not counted (reserved_bytes counts it)."""
         held = (self.keys, self.values, self._key_pos, self._key_valid)
         return sum(t.numel() * t.element_size() for t in held if t is not None)
 
@@ -111,6 +155,7 @@ class RoutedCacheLayer(DynamicLayer):
 
     def reset(self) -> None:
         self.keys = self.values = self._key_pos = self._key_valid = None
+        self._buffers, self._buffered = None, 0
         self.seen = 0
         self.all_valid = True
         self.contiguous = True
