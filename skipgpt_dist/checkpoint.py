@@ -31,6 +31,7 @@ from .errors import SkipGPTError
 CHECKPOINTS = "checkpoints"
 STATE_FILE = "trainer_state.json"
 CONFIG_FILE = "config.yaml"
+ROUTERS_FILE = "routers.safetensors"  # router weights of a checkpoint or export (safetensors)
 _STEP_RE = re.compile(r"^step_(\d+)$")
 
 

@@ -263,6 +263,17 @@ def eval_sequences(packed, n: int | None) -> torch.Tensor:
     return _rows(packed, range(n))
 
 
+def packed_eval_sequences(files, tokenizer, seq_len: int, n: int | None, text_field: str = "text",
+                          at_most: bool = False) -> torch.Tensor:
+    """Text files (paths or builtin: names) -> the first n packed sequences [n, seq_len], as the tools read them.
+
+    at_most: fewer sequences than n are fine (all of them), instead of an error."""
+    from .assets import resolve_data_files
+
+    packed = tokenize_and_pack(load_text_dataset(resolve_data_files(files), "auto", text_field), tokenizer, seq_len)
+    return eval_sequences(packed, min(n, len(packed)) if at_most and n is not None else n)
+
+
 # ---------------------------------------------------------------- batches
 
 

@@ -33,10 +33,9 @@ from typing import Callable, Iterator, Optional
 import torch
 from safetensors import safe_open
 
-from .checkpoint import _fsync_dir, _fsync_tree  # noqa: F401  (shared flush helpers)
+from .checkpoint import ROUTERS_FILE, _fsync_dir, _fsync_tree  # noqa: F401  (shared flush helpers)
 from .errors import SkipGPTError
 
-ROUTERS_FILE = "routers.safetensors"
 ADAPTER_DIR = "adapter"
 TRAINABLE_FILE = "trainable.safetensors"
 DEEPSPEED_DIR = "deepspeed"

@@ -14,6 +14,7 @@ import json
 from pathlib import Path
 from typing import Optional
 
+from .checkpoint import ROUTERS_FILE
 from .errors import SkipGPTError
 
 _DTYPES = {"float32": "float32", "fp32": "float32", "bfloat16": "bfloat16", "bf16": "bfloat16",
@@ -70,7 +71,7 @@ def _load_exported(folder: Path, section: dict, mode, capacity, dtype):
         raise SkipGPTError(f"{folder} could not be loaded ({str(err).splitlines()[0][:160]}): check that its weight "
                            "files are complete (re-export with tools/merge_lora.py)") from None
     attach_routers(model, router_cfg)
-    load_routers(model, folder / section.get("routers_file", "routers.safetensors"))
+    load_routers(model, folder / section.get("routers_file", ROUTERS_FILE))
     return model.eval()
 
 

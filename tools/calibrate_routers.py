@@ -39,13 +39,6 @@ def parse_args(argv):
     return p.parse_args(argv)
 
 
-def packed(files, tokenizer, seq_len, count):
-    from skipgpt_dist.assets import resolve_data_files
-    from skipgpt_dist.data import eval_sequences, load_text_dataset, tokenize_and_pack
-
-    return eval_sequences(tokenize_and_pack(load_text_dataset(resolve_data_files(files)), tokenizer, seq_len), count)
-
-
 def calibrate_checkpoint(checkpoint, out, sparsity=None, method="per_layer", data=None, sequences=16, kinds="both"):
     """Write `out`, a copy of `checkpoint` with calibrated routers; returns (model, tokenizer, cfg, skip rates
     before calibration). The model is the calibrated one, in eval mode."""
@@ -56,6 +49,7 @@ def calibrate_checkpoint(checkpoint, out, sparsity=None, method="per_layer", dat
         raise SkipGPTError(f"--sparsity {sparsity} is out of range: use a fraction in [0, 1), e.g. 0.25")
 
     from skipgpt_dist.checkpoint import find_checkpoint
+    from skipgpt_dist.data import packed_eval_sequences
     from skipgpt_dist.routing import routing_context, save_routers
     from skipgpt_dist.routing.calibrate import calibrate_routers
     from skipgpt_dist.training.artifacts import ROUTERS_FILE
@@ -67,7 +61,8 @@ def calibrate_checkpoint(checkpoint, out, sparsity=None, method="per_layer", dat
     if sparsity is not None:
         router_cfg.target_sparsity = sparsity
         router_cfg.target_sparsity_attn = router_cfg.target_sparsity_mlp = None
-    calibration = packed(data or cfg.data.train_files, tokenizer, cfg.data.seq_len, sequences)
+    calibration = packed_eval_sequences(data or cfg.data.train_files, tokenizer, cfg.data.seq_len, sequences,
+                                        cfg.data.text_field)
     before = calibrate_routers(model, calibration, method=method, micro_batch_size=cfg.optim.micro_batch_size,
                                kinds=("attn", "mlp") if kinds == "both" else (kinds,))
     tmp = out.with_name(f".{out.name}.tmp{os.getpid()}")
@@ -94,7 +89,10 @@ def main(argv=None):
 
     result = {"checkpoint": str(args.out), "method": args.method, "kinds": args.kinds,
               "target_sparsity": routing_context(model).cfg.target_sparsity, "skip_rate_before": before}
-    held_out = packed(args.eval_data or cfg.data.eval_files, tokenizer, cfg.data.seq_len, cfg.data.eval_sequences)
+    from skipgpt_dist.data import packed_eval_sequences
+
+    held_out = packed_eval_sequences(args.eval_data or cfg.data.eval_files, tokenizer, cfg.data.seq_len,
+                                     cfg.data.eval_sequences, cfg.data.text_field)
     if len(held_out):
         result.update(evaluate(model, held_out, cfg.optim.micro_batch_size))
     print(json.dumps(result), flush=True)

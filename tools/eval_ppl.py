@@ -31,17 +31,15 @@ def main(argv=None):
 
     import torch
 
-    from skipgpt_dist.assets import resolve_data_files
-    from skipgpt_dist.data import eval_sequences, load_text_dataset, tokenize_and_pack
+    from skipgpt_dist.data import packed_eval_sequences
     from skipgpt_dist.training.evaluate import evaluate
     from skipgpt_dist.training.restore import load_checkpoint_model
 
     torch.manual_seed(0)
     model, tokenizer, cfg = load_checkpoint_model(args.checkpoint, args.mode, args.capacity)
     seq_len = args.seq_len or cfg.data.seq_len
-    packed = tokenize_and_pack(load_text_dataset(resolve_data_files(args.data), "auto", cfg.data.text_field),
-                               tokenizer, seq_len)
-    result = evaluate(model, eval_sequences(packed, min(args.sequences, len(packed))), args.batch_size)
+    held_out = packed_eval_sequences(args.data, tokenizer, seq_len, args.sequences, cfg.data.text_field, at_most=True)
+    result = evaluate(model, held_out, args.batch_size)
     result["ppl_ratio"] = result["ppl_routed"] / result["ppl_dense"]
     result.update(checkpoint=args.checkpoint, seq_len=seq_len)
     print(json.dumps(result))

@@ -10,11 +10,11 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
+from ..checkpoint import ROUTERS_FILE  # noqa: F401  (re-exported for the training modules)
 from ..routing import routing_context
 from ..routing.api import _base_model
 from . import distributed as D
 
-ROUTERS_FILE = "routers.safetensors"
 ADAPTER_DIR = "adapter"
 _ROUTER_KEY = re.compile(r"layers\.(\d+)\.skipgpt_(attn|mlp)_router\.(.+)$")
 

@@ -8,12 +8,11 @@ from pathlib import Path
 import torch
 
 from ..assets import resolve_model_path
-from ..checkpoint import find_checkpoint
+from ..checkpoint import ROUTERS_FILE, find_checkpoint
 from ..errors import SkipGPTError
 from ..routing import RouterConfig, attach_routers, load_routers, routing_context
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
-ROUTERS_FILE = "routers.safetensors"
 
 
 def load_tokenizer(model_dir: str, trust_remote_code: bool):
