@@ -145,6 +145,10 @@ class StageConfig(_Section):
     # Stage 2 with train_routers: sample Gumbel gates (at routers.temperature_end) as stage 1 does, or (false) train
     # through the deterministic decisions that evaluation and serving use, so LoRA adapts to exactly those.
     router_noise: bool = False
+    # What the model learns from: `lm`, next-token cross entropy on the data; `distill`, the KL divergence from
+    # the dense model (the same frozen weights with every sublayer executed, adapters off) on every position: a
+    # full distribution per token instead of one label, at the cost of one extra no-grad forward per micro-batch.
+    objective: str = _choice("lm", ("lm", "distill"))
     lora: LoraConfig = _section(LoraConfig)
 
     def validate(self):

@@ -102,6 +102,57 @@ def test_stage2_with_trainable_routers_answers_to_this_stages_target(stage1_run,
     assert ctx_cfg.stage.router_noise is False and ctx_cfg.routers.target_sparsity == 0.6
 
 
+def test_distill_loss_is_the_kl_from_the_teacher_on_scored_positions():
+    from skipgpt_dist.training.losses import distill_loss
+
+    gen = torch.Generator().manual_seed(0)
+    student, teacher = torch.randn(2, 5, 7, generator=gen), torch.randn(2, 5, 7, generator=gen)
+    mask = torch.tensor([[1, 1, 1, 1, 1], [0, 0, 1, 1, 1]])
+    assert distill_loss(teacher, teacher, mask).item() == pytest.approx(0.0, abs=1e-7)
+    p, log_q = teacher.softmax(-1), student.log_softmax(-1)
+    kl = (p * (p.log() - log_q)).sum(-1)[:, :-1]  # position t predicts token t+1, scored where it is real
+    expected = kl[mask[:, 1:].bool()].mean()
+    assert distill_loss(student, teacher, mask).item() == pytest.approx(expected.item(), rel=1e-5)
+
+
+def test_distillation_teacher_is_the_dense_base_without_adapters(stage1_run, tiny_model_dir, text_files, tmp_path):
+    """The stage-2 teacher: routing off and LoRA off, i.e. the frozen base, whatever the adapters learned."""
+    from skipgpt_dist.routing import routing_disabled
+    from skipgpt_dist.training.losses import dense_teacher
+    from skipgpt_dist.training.model_setup import build_model
+
+    cfg = load_config(str(ROOT / "configs/tiny_stage2.yaml"), tiny_overrides(
+        tiny_model_dir, text_files, tmp_path / "s2", f"stage.init_from={stage1_run[0]}"))
+    model = build_model(cfg)[0].eval()
+    ids = torch.randint(0, 100, (2, 12), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        with routing_disabled(model), model.disable_adapter():
+            base = model(input_ids=ids).logits
+        for name, param in model.named_parameters():
+            if "lora_B" in name:
+                param.add_(0.5)  # adapters that change the output
+        with routing_disabled(model):
+            adapted = model(input_ids=ids).logits
+        with dense_teacher(model):
+            teacher = model(input_ids=ids).logits
+        routed = model(input_ids=ids).logits
+    assert not torch.allclose(adapted, base, atol=1e-3) and not torch.allclose(routed, adapted, atol=1e-3)
+    torch.testing.assert_close(teacher, base)
+
+
+def test_stage1_distillation_trains_the_routers(tiny_model_dir, text_files, tmp_path):
+    """The KL objective drives the routers (it is 0 where nothing skips, so skipping is what it penalises); the
+    regulariser still moves sparsity to its target, and the LM loss is still reported."""
+    result = run_tiny(tiny_model_dir, text_files, tmp_path / "kd", "stage.objective=distill", "optim.lr=0.02",
+                      "optim.max_steps=12")
+    rows = metrics(tmp_path / "kd")
+    assert all(r["distill_loss"] > 0 and r["lm_loss"] > 1 for r in rows)
+    assert all(r["loss"] == pytest.approx(r["distill_loss"] + r["sparsity_loss"]) for r in rows)
+    start, end = (0.5 * (r["attn_sparsity"] + r["mlp_sparsity"]) for r in (rows[0], rows[-1]))
+    assert abs(end - 0.25) < abs(start - 0.25)
+    assert load_config(str(result.checkpoint / "config.yaml")).stage.objective == "distill"
+
+
 @pytest.mark.parametrize("stage", [1, 2])
 def test_resume_gives_the_trajectory_of_a_run_never_stopped(stage, stage1_run, tiny_model_dir, text_files,
                                                             tmp_path):

@@ -22,7 +22,7 @@ from . import distributed as D
 from .artifacts import export_artifacts
 from .backends import base_loader, make_engine, setup_distributed
 from .evaluate import evaluate
-from .losses import global_sparsity_loss, lm_loss
+from .losses import dense_teacher, distill_loss, global_sparsity_loss, lm_loss
 from .model_setup import build_model, describe_trainable
 from .warm_start import warm_start_routers
 from .reporting import RunReporter, log
@@ -82,32 +82,39 @@ def build_data(cfg, tokenizer):
 def train_step(engine, model, micro_batches, cfg, step: int, routers_train: bool) -> dict:
     ctx = routing_context(model)
     ctx.noise_seed, ctx.noise_step = cfg.seed, step
-    sums = torch.zeros(4 + 2 * 0, dtype=torch.float64)
-    layers = None
+    sums = torch.zeros(5, dtype=torch.float64)
+    layers, distill = None, cfg.stage.objective == "distill"
     for batch in micro_batches:
         ctx.sample_ids = batch["sample_ids"]
         device = next(p for p in engine.model.parameters()).device
         ids, mask = batch["input_ids"].to(device), batch["attention_mask"].to(device)
+        if distill:
+            with dense_teacher(model):
+                teacher = engine.model(input_ids=ids, attention_mask=mask, use_cache=False).logits
         logits = engine.model(input_ids=ids, attention_mask=mask, use_cache=False).logits
         lm = lm_loss(logits, ids, mask)
-        loss, sparsity_value = lm, torch.zeros(())
+        objective = distill_loss(logits, teacher, mask) if distill else lm
+        loss, sparsity_value = objective, torch.zeros(())
         if routers_train:
             surrogate, sparsity_value = global_sparsity_loss(model)
-            loss = lm + surrogate
+            loss = objective + surrogate
         engine.backward(loss)
         stats = routing_stats(model)
-        sums += torch.tensor([lm.item(), sparsity_value.item(), stats["attn_execute"], stats["mlp_execute"]],
-                             dtype=torch.float64)
+        sums += torch.tensor([lm.item(), sparsity_value.item(), stats["attn_execute"], stats["mlp_execute"],
+                              objective.item()], dtype=torch.float64)
         per_layer = torch.tensor([[1 - l["attn"]["execute"], 1 - l["mlp"]["execute"]] for l in stats["layers"]])
         layers = per_layer if layers is None else layers + per_layer
     n = len(micro_batches)
     # Ranks hold equal token counts, so the global figures are plain means over ranks.
     reduced = D.all_reduce_sum(torch.cat([sums / n, (layers / n).flatten().double()])) / D.world_size()
     info = engine.step()
-    lm_value, sparsity_value = float(reduced[0]), float(reduced[1])
-    return {"loss": lm_value + sparsity_value, "lm_loss": lm_value, "sparsity_loss": sparsity_value,
-            "attn_sparsity": 1 - float(reduced[2]), "mlp_sparsity": 1 - float(reduced[3]),
-            "layers": reduced[4:].view(-1, 2).tolist(), **info}
+    lm_value, sparsity_value, objective_value = float(reduced[0]), float(reduced[1]), float(reduced[4])
+    out = {"loss": objective_value + sparsity_value, "lm_loss": lm_value, "sparsity_loss": sparsity_value,
+           "attn_sparsity": 1 - float(reduced[2]), "mlp_sparsity": 1 - float(reduced[3]),
+           "layers": reduced[5:].view(-1, 2).tolist(), **info}
+    if distill:
+        out["distill_loss"] = objective_value
+    return out
 
 
 def fault_injection(step: int):

@@ -1,4 +1,5 @@
-"""Losses: next-token cross entropy and the SkipGPT sparsity regulariser, exact across ranks.
+"""Losses: next-token cross entropy, distillation from the dense model, and the SkipGPT sparsity regulariser, exact
+across ranks.
 
 The regulariser alpha * |T - mean(g)| is not linear in the tokens, so averaging per-rank losses would not give the
 gradient of one process on the global micro-batch. The mean is taken over the GLOBAL micro-batch (all ranks) with
@@ -7,10 +8,12 @@ averaging over ranks then yields exactly the single-process gradient (design.md 
 """
 from __future__ import annotations
 
+import contextlib
+
 import torch
 import torch.nn.functional as F
 
-from ..routing import routing_context
+from ..routing import routing_context, routing_disabled
 from . import distributed as D
 
 
@@ -18,6 +21,23 @@ def lm_loss(logits: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch
     """Mean next-token cross entropy over real target tokens."""
     labels = input_ids[:, 1:].masked_fill(attention_mask[:, 1:] == 0, -100)
     return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels.flatten(), ignore_index=-100)
+
+
+def distill_loss(logits: torch.Tensor, teacher_logits: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """Mean KL(teacher || model) of the next-token distributions, over the positions lm_loss scores."""
+    real = attention_mask[:, 1:] != 0
+    student = F.log_softmax(logits[:, :-1][real].float(), dim=-1)
+    teacher = F.log_softmax(teacher_logits[:, :-1][real].float(), dim=-1)
+    return F.kl_div(student, teacher, log_target=True, reduction="batchmean")
+
+
+@contextlib.contextmanager
+def dense_teacher(model):
+    """The model as the distillation teacher: every sublayer executes and LoRA adapters are off, i.e. the frozen
+    base. Every rank runs every sublayer, so sharded back ends gather the same parameters on all ranks."""
+    adapters_off = model.disable_adapter() if hasattr(model, "disable_adapter") else contextlib.nullcontext()
+    with torch.no_grad(), routing_disabled(model), adapters_off:
+        yield
 
 
 def global_sparsity_loss(model) -> tuple[torch.Tensor, torch.Tensor]:
