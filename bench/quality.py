@@ -163,19 +163,18 @@ def train_stage(config: str, overrides: list[str]) -> dict:
             "tokens": tokens, "run_dir": cfg.run_dir}
 
 
-def kind_targets(sparsity: float) -> tuple[float, float]:
-    """Per-kind stage-1 targets with the given mean: attention takes 90% of the skipping (up to 90% of its
-    executions). Attention is the more redundant kind (the paper's finding, and SmolLM2-135M's: its block
-    influence is ~10x lower than the MLP's), and sampled MLP skipping costs this small model the most."""
-    attn = min(0.9, 1.8 * sparsity)
+def kind_targets(sparsity: float, attn_share: float, attn_cap: float) -> tuple[float, float]:
+    """(attention, MLP) targets with the given mean: attention takes attn_share of the skipping, up to attn_cap of
+    its executions, the MLP the rest. Attention is the more redundant kind (the paper's finding, and SmolLM2-135M's:
+    its block influence is ~10x lower than the MLP's), and MLP skipping costs this small model the most."""
+    attn = min(attn_cap, 2 * attn_share * sparsity)
     return round(attn, 4), round(2 * sparsity - attn, 4)
 
 
-def stage2_targets(sparsity: float) -> tuple[float, float]:
-    """Per-kind targets for the routers that keep training beside LoRA (deterministic gates, as evaluated): the
-    calibrated stage-1 routers skip attention only, so stage 2 holds the mean on attention, up to 75% of it."""
-    attn = min(0.75, 2 * sparsity)
-    return round(attn, 4), round(2 * sparsity - attn, 4)
+# Stage 1: 90% of the skipping on attention (sampled gates still explore the MLPs). Stage 2, whose routers keep
+# training beside LoRA with deterministic gates: the calibrated stage-1 routers skip attention only, so it holds
+# the whole mean on attention, up to 75% of it.
+STAGE1_SPLIT, STAGE2_SPLIT = dict(attn_share=0.9, attn_cap=0.9), dict(attn_share=1.0, attn_cap=0.75)
 
 
 def calibrate(stage1_dir: Path, out: Path, sparsity: float, sequences: int) -> dict:
@@ -199,14 +198,14 @@ def skipgpt_rows(preset: Preset, args, sparsity: float, out: Path, flops) -> tup
     stage2 = preset.stage2 + ([f"optim.max_steps={args.stage2_steps}"] if args.stage2_steps else [])
     s1_dir, cal_dir, s2_dir = out / f"stage1_{tag}", out / f"stage1_{tag}_calibrated", out / f"stage2_{tag}"
     log(f"SkipGPT stage 1 @ {sparsity:.0%} -> {s1_dir}")
-    attn, mlp = kind_targets(sparsity)
+    attn, mlp = kind_targets(sparsity, **STAGE1_SPLIT)
     s1 = train_stage(preset.stage1_config, preset.common + stage1 + [
         f"routers.target_sparsity={sparsity}", f"routers.target_sparsity_attn={attn}",
         f"routers.target_sparsity_mlp={mlp}", f"run_dir={s1_dir}", "checkpoint.resume=never"])
     log(f"calibrating stage-1 routers to {sparsity:.0%} -> {cal_dir}")
     cal = calibrate(s1_dir, cal_dir, sparsity, preset.calibration_sequences)
     log(f"SkipGPT stage 2 (LoRA) @ {sparsity:.0%} -> {s2_dir}")
-    attn2, mlp2 = stage2_targets(sparsity)
+    attn2, mlp2 = kind_targets(sparsity, **STAGE2_SPLIT)
     s2 = train_stage(preset.stage2_config, preset.common + stage2 + [
         f"routers.target_sparsity={sparsity}", f"routers.target_sparsity_attn={attn2}",
         f"routers.target_sparsity_mlp={mlp2}", f"stage.init_from={cal_dir}", f"run_dir={s2_dir}",

@@ -263,14 +263,19 @@ def eval_sequences(packed, n: int | None) -> torch.Tensor:
     return _rows(packed, range(n))
 
 
-def packed_eval_sequences(files, tokenizer, seq_len: int, n: int | None, text_field: str = "text",
-                          at_most: bool = False) -> torch.Tensor:
-    """Text files (paths or builtin: names) -> the first n packed sequences [n, seq_len], as the tools read them.
-
-    at_most: fewer sequences than n are fine (all of them), instead of an error."""
+def pack_files(files, tokenizer, seq_len: int, format: str = "auto", text_field: str = "text"):
+    """Text files (paths or builtin: names) -> their packed dataset of seq_len-token sequences."""
     from .assets import resolve_data_files
 
-    packed = tokenize_and_pack(load_text_dataset(resolve_data_files(files), "auto", text_field), tokenizer, seq_len)
+    return tokenize_and_pack(load_text_dataset(resolve_data_files(files), format, text_field), tokenizer, seq_len)
+
+
+def packed_eval_sequences(files, tokenizer, seq_len: int, n: int | None, format: str = "auto",
+                          text_field: str = "text", at_most: bool = False) -> torch.Tensor:
+    """The first n packed sequences [n, seq_len] of text files, as the tools read them.
+
+    at_most: fewer sequences than n are fine (all of them), instead of an error."""
+    packed = pack_files(files, tokenizer, seq_len, format, text_field)
     return eval_sequences(packed, min(n, len(packed)) if at_most and n is not None else n)
 
 

@@ -48,11 +48,10 @@ def calibrate_checkpoint(checkpoint, out, sparsity=None, method="per_layer", dat
     if sparsity is not None and not 0.0 <= sparsity < 1.0:
         raise SkipGPTError(f"--sparsity {sparsity} is out of range: use a fraction in [0, 1), e.g. 0.25")
 
-    from skipgpt_dist.checkpoint import find_checkpoint
+    from skipgpt_dist.checkpoint import ROUTERS_FILE, find_checkpoint
     from skipgpt_dist.data import packed_eval_sequences
     from skipgpt_dist.routing import routing_context, save_routers
     from skipgpt_dist.routing.calibrate import calibrate_routers
-    from skipgpt_dist.training.artifacts import ROUTERS_FILE
     from skipgpt_dist.training.restore import load_checkpoint_model
 
     source = find_checkpoint(checkpoint, key="checkpoint")
@@ -61,8 +60,9 @@ def calibrate_checkpoint(checkpoint, out, sparsity=None, method="per_layer", dat
     if sparsity is not None:
         router_cfg.target_sparsity = sparsity
         router_cfg.target_sparsity_attn = router_cfg.target_sparsity_mlp = None
+    # the run's own files are read as the run read them; --data files by their extension
     calibration = packed_eval_sequences(data or cfg.data.train_files, tokenizer, cfg.data.seq_len, sequences,
-                                        cfg.data.text_field)
+                                        "auto" if data else cfg.data.format, cfg.data.text_field)
     before = calibrate_routers(model, calibration, method=method, micro_batch_size=cfg.optim.micro_batch_size,
                                kinds=("attn", "mlp") if kinds == "both" else (kinds,))
     tmp = out.with_name(f".{out.name}.tmp{os.getpid()}")
@@ -92,7 +92,8 @@ def main(argv=None):
     from skipgpt_dist.data import packed_eval_sequences
 
     held_out = packed_eval_sequences(args.eval_data or cfg.data.eval_files, tokenizer, cfg.data.seq_len,
-                                     cfg.data.eval_sequences, cfg.data.text_field)
+                                     cfg.data.eval_sequences, "auto" if args.eval_data else cfg.data.format,
+                                     cfg.data.text_field)
     if len(held_out):
         result.update(evaluate(model, held_out, cfg.optim.micro_batch_size))
     print(json.dumps(result), flush=True)

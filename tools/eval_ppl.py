@@ -38,7 +38,8 @@ def main(argv=None):
     torch.manual_seed(0)
     model, tokenizer, cfg = load_checkpoint_model(args.checkpoint, args.mode, args.capacity)
     seq_len = args.seq_len or cfg.data.seq_len
-    held_out = packed_eval_sequences(args.data, tokenizer, seq_len, args.sequences, cfg.data.text_field, at_most=True)
+    held_out = packed_eval_sequences(args.data, tokenizer, seq_len, args.sequences, text_field=cfg.data.text_field,
+                                     at_most=True)
     result = evaluate(model, held_out, args.batch_size)
     result["ppl_ratio"] = result["ppl_routed"] / result["ppl_dense"]
     result.update(checkpoint=args.checkpoint, seq_len=seq_len)

@@ -83,18 +83,21 @@ class RoutedCacheLayer(DynamicLayer):
             self._key_valid = new[3] if self._key_valid is None else torch.cat([self._key_valid, new[3]], dim=1)
         self.seen += new_tokens
 
-    def _buffered_append(self, keys: torch.Tensor, values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(keys, values) with the new entries after the stored ones, written into the buffers (grown when full).
-
-        The buffers are trusted only while the stored tensors are still their views (same storage, same length):
-        anything that replaced keys/values (reorder_cache, HF's crop or batch selection) starts new buffers.
-        """
-        stored, needed = self.keys.shape[2], self.keys.shape[2] + keys.shape[2]
+    def _live_buffers(self) -> Optional[tuple[torch.Tensor, torch.Tensor]]:
+        """The append buffers, if keys/values are still their views (same storage, same length); anything that
+        replaced keys/values (reorder_cache, HF's crop or batch selection) leaves them stale."""
         buffers = self._buffers
-        usable = (buffers is not None and self._buffered == stored and buffers[0].shape[2] >= needed
-                  and buffers[0].data_ptr() == self.keys.data_ptr() and buffers[1].data_ptr() == self.values.data_ptr()
-                  and buffers[0].shape[:2] == keys.shape[:2] and buffers[0].dtype == keys.dtype)
-        if not usable:
+        if (buffers is None or self.keys is None or self._buffered != self.keys.shape[2]
+                or buffers[0].data_ptr() != self.keys.data_ptr() or buffers[1].data_ptr() != self.values.data_ptr()):
+            return None
+        return buffers
+
+    def _buffered_append(self, keys: torch.Tensor, values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(keys, values) with the new entries after the stored ones, written into the buffers (new ones when stale
+        or full)."""
+        stored, needed = self.keys.shape[2], self.keys.shape[2] + keys.shape[2]
+        buffers = self._live_buffers()
+        if buffers is None or buffers[0].shape[2] < needed:
             # Headroom of 1/8 of the length (at least KV_BUFFER_MIN_HEADROOM entries): a regrow copies the cache
             # once per length/8 appended tokens, and at most ~1/8 more memory is reserved than used.
             capacity = needed + max(KV_BUFFER_MIN_HEADROOM, needed // 8)
@@ -109,10 +112,9 @@ class RoutedCacheLayer(DynamicLayer):
 
     def reserved_bytes(self) -> int:
         """Bytes allocated: stored_bytes plus the unused headroom of the append buffers."""
-        buffers = self._buffers
-        if buffers is None or self.keys is None or buffers[0].data_ptr() != self.keys.data_ptr():
-            return self.stored_bytes()
-        return self.stored_bytes() + sum(b[:, :, self._buffered:].numel() * b.element_size() for b in buffers)
+        buffers = self._live_buffers()
+        headroom = 0 if buffers is None else sum(b[:, :, self._buffered:].numel() * b.element_size() for b in buffers)
+        return self.stored_bytes() + headroom
 
     def _spell_out(self) -> None:
         """Leave contiguous mode: store the implied positions and flags of the entries so far."""

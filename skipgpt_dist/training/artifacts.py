@@ -3,14 +3,13 @@ config) and, in stage 2, the LoRA adapter in peft's format. Tools read these wit
 from __future__ import annotations
 
 import json
-import os
 import re
 from pathlib import Path
 
 import torch
 from safetensors.torch import save_file
 
-from ..checkpoint import ROUTERS_FILE  # noqa: F401  (re-exported for the training modules)
+from ..checkpoint import ROUTERS_FILE
 from ..routing import routing_context
 from ..routing.api import _base_model
 from . import distributed as D

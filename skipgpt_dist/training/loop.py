@@ -12,10 +12,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..assets import resolve_data_files
 from ..checkpoint import CheckpointManager, step_dir_name
 from ..config import save_config
-from ..data import PackedBatches, eval_sequences, load_text_dataset, tokenize_and_pack
+from ..data import PackedBatches, eval_sequences, pack_files
 from ..errors import SkipGPTError
 from ..routing import routing_context, routing_stats, set_temperature
 from . import distributed as D
@@ -63,8 +62,7 @@ def seed_everything(seed: int) -> None:
 def build_data(cfg, tokenizer):
     """(train PackedBatches, eval sequences or None); rank 0 tokenises first so `datasets` caches it once."""
     def load(files):
-        return tokenize_and_pack(load_text_dataset(resolve_data_files(files), cfg.data.format, cfg.data.text_field),
-                                 tokenizer, cfg.data.seq_len)
+        return pack_files(files, tokenizer, cfg.data.seq_len, cfg.data.format, cfg.data.text_field)
 
     for turn in (0, 1):
         if (D.rank() == 0) == (turn == 0):

@@ -1,13 +1,11 @@
 """Rebuild a trained routed model (routers and, after stage 2, LoRA) from a checkpoint for evaluation or use."""
 from __future__ import annotations
 
-from pathlib import Path
-
-from ..checkpoint import find_checkpoint
+from ..checkpoint import ROUTERS_FILE, find_checkpoint
 from ..config import load_config
 from ..errors import SkipGPTError
 from ..routing import attach_routers, load_routers
-from .artifacts import ADAPTER_DIR, ROUTERS_FILE
+from .artifacts import ADAPTER_DIR
 from .model_setup import load_base_model, load_tokenizer, saved_router_config
 from ..assets import resolve_model_path
 
