@@ -171,6 +171,30 @@ def test_stage2_matches_one_process(backend, dist_root, stage2, ref_stage2):
                         final_tensors(ref_stage2, "adapter/adapter_model.safetensors"))
 
 
+DISTILL = ["stage.objective=distill", "stage.train_routers=true"]
+
+
+@pytest.fixture(scope="session")
+def ref_distill(dist_root, stage2):
+    return ok(train(dist_root / "ref_kd", stage2 + DISTILL + ONE_PROCESS, launcher="python", nproc=1))
+
+
+@pytest.mark.parametrize("backend", ["zero3", "fsdp2"])
+def test_stage2_distillation_with_trainable_routers_matches_one_process(backend, dist_root, stage2, ref_distill):
+    """The teacher forward (routing off, adapters off) inside sharded engines, plus routers training beside LoRA:
+    the same trajectory, adapters and routers as one process."""
+    extra = ["parallel.backend=fsdp2"] if backend == "fsdp2" else []
+    ds = None if backend == "fsdp2" else zero3_all_sharded(dist_root)
+    run = ok(train(dist_root / f"kd_{backend}", stage2 + DISTILL + PER_RANK + extra, ds_config=ds))
+    assert_sharded(run, 2)
+    assert_same_trajectory(run, ref_distill)
+    # step 1: nothing skips yet and LoRA starts at zero, so the student is the teacher (KL 0); then they part
+    kd = run.trajectory("distill_loss")
+    assert kd[0] == pytest.approx(0.0, abs=1e-6) and kd[-1] > 1e-3, kd
+    for name in ("adapter/adapter_model.safetensors", "routers.safetensors"):
+        assert_same_tensors(final_tensors(run, name), final_tensors(ref_distill, name))
+
+
 # ---------------------------------------------------------------- launcher / config mistakes: one-line errors
 
 
