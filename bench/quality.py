@@ -48,7 +48,7 @@ PRESETS = {
         stage1_config="configs/smollm2_stage1.yaml", stage2_config="configs/smollm2_stage2.yaml",
         common=["data.seq_len=256", "data.eval_sequences=32", "checkpoint.every_steps=0", "logging.progress=true"],
         stage1=["optim.max_steps=60", "optim.lr=1e-3", "routers.init_margin=5", "routers.init=block_influence"],
-        stage2=["optim.max_steps=120", "optim.lr=5e-4", "routers.mode=mask", "stage.train_routers=true"],
+        stage2=["optim.max_steps=120", "optim.lr=1e-3", "routers.mode=mask", "stage.train_routers=true"],
         calibration_sequences=16),
     "quick": Preset(
         stage1_config="configs/tiny.yaml", stage2_config="configs/tiny_stage2.yaml",
@@ -141,8 +141,27 @@ def static_rows(preset: Preset, sparsities, out: Path) -> tuple[list[Row], float
                             flops_skipped(result["attn_sparsity"], result["mlp_sparsity"], flops), dense_ppl,
                             note=f"attn {attn_skip} mlp {mlp_skip}"))
             log(f"{method} @ {sparsity:.0%}: ppl {rows[-1].ppl:.2f}")
+    rows += oracle_rows(model, calibration, held_out, sparsities, cfg.optim.micro_batch_size, dense_ppl, flops)
     (out / "block_influence.json").write_text(json.dumps({"layer": influence.layer, "attn": influence.attn}) + "\n")
     return rows, dense_ppl, flops
+
+
+ORACLE = "Output-norm oracle (reference)"
+
+
+def oracle_rows(model, calibration, held_out, sparsities, micro_batch_size: int, dense_ppl: float, flops):
+    """bench/norm_oracle.py at each sparsity: threshold tuned on the training sequences, scored on held-out."""
+    from bench.norm_oracle import NormOracle
+
+    oracle, rows = NormOracle(model), []
+    for sparsity in sparsities:
+        oracle.calibrate(calibration, sparsity, micro_batch_size)
+        ppl = oracle.perplexity(held_out, micro_batch_size)
+        attn, mlp = oracle.sparsity()
+        rows.append(Row(ORACLE, sparsity, ppl, attn, mlp, flops_skipped(attn, mlp, flops), dense_ppl,
+                        note=f"threshold {oracle.threshold:.4g}; runs every sublayer (decides from its output)"))
+        log(f"{ORACLE} @ {sparsity:.0%}: ppl {ppl:.2f} at {(attn + mlp) / 2:.3f}")
+    return rows
 
 
 # ---------------------------------------------------------------- SkipGPT training
@@ -282,7 +301,7 @@ def main(argv=None) -> int:
             new_rows, new_runs = skipgpt_rows(preset, args, sparsity, out, flops)
             rows += new_rows
             runs += new_runs
-    order = ["ShortGPT layer drop", "ShortGPT attention drop", "SkipGPT stage 1 (routers)",
+    order = ["ShortGPT layer drop", "ShortGPT attention drop", ORACLE, "SkipGPT stage 1 (routers)",
              "SkipGPT stage 1, calibrated", "SkipGPT stage 1 + 2 (LoRA)"]
     rows.sort(key=lambda r: (r.target, order.index(r.method)))
     text = table(rows, dense_ppl)

@@ -103,6 +103,27 @@ def test_per_kind_targets_are_calibrated_separately():
     assert routing_context(model).cfg.target_sparsity_attn == 0.5
 
 
+def test_norm_oracle_keeps_the_base_weights_and_meets_its_target():
+    """bench/norm_oracle.py: with no threshold it is the dense base (the same perplexity as the routed model with
+    routing off); calibrated, it skips about the target; an infinite threshold drops every sublayer output."""
+    sys.path.insert(0, str(ROOT))
+    from bench.norm_oracle import NormOracle
+    from skipgpt_dist.training.evaluate import evaluate
+
+    model = build("llama_gqa", mode="mask")
+    x = ids(rows=6, seq=32)
+    oracle = NormOracle(model)
+    assert oracle.perplexity(x, 3) == pytest.approx(evaluate(model, x, 3)["ppl_dense"], rel=1e-5)
+    assert oracle.sparsity() == (0.0, 0.0)  # collecting: nothing skipped
+    oracle.calibrate(x, 0.3, 3, steps=8)
+    oracle.perplexity(x, 3)
+    attn, mlp = oracle.sparsity()
+    assert (attn + mlp) / 2 == pytest.approx(0.3, abs=0.03)
+    oracle.threshold = float("inf")
+    oracle.perplexity(x, 3)
+    assert oracle.sparsity() == (1.0, 1.0)
+
+
 @pytest.fixture(scope="module")
 def quick_bench(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("quality") / "quick"
@@ -115,8 +136,8 @@ def quick_bench(tmp_path_factory) -> Path:
 def test_quality_bench_quick_runs_end_to_end(quick_bench):
     out = quick_bench
     report = (out / "quality.md").read_text()
-    for method in ("dense", "ShortGPT layer drop", "ShortGPT attention drop", "SkipGPT stage 1 (routers)",
-                   "SkipGPT stage 1, calibrated", "SkipGPT stage 1 + 2 (LoRA)"):
+    for method in ("dense", "ShortGPT layer drop", "ShortGPT attention drop", "Output-norm oracle (reference)",
+                   "SkipGPT stage 1 (routers)", "SkipGPT stage 1, calibrated", "SkipGPT stage 1 + 2 (LoRA)"):
         assert method in report
     data = json.loads((out / "quality.json").read_text())
     assert {r["target"] for r in data["rows"]} == {0.25, 0.40}

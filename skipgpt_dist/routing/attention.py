@@ -81,6 +81,42 @@ def sdpa_attention(q, k, v, q_pos, k_pos, k_valid, window, scale):
     return torch.cat(outs, dim=2)
 
 
+def sdpa_prefix_attention(q, k, v, q_pos, window, scale):
+    """Attention where the keys are positions 0..K-1 of the sequence, all valid (kv_policy=all with no padding and
+    no cache): a query at position p attends keys [max(0, p - window + 1), p]. The same as sdpa_attention without
+    building and reducing a (Q, K) mask: each block's key range comes from its first and last query positions
+    (queries are sorted by position within each row), and each block's mask is made for its range only.
+    """
+    rows, keys = q.shape[2], k.shape[2]
+    gqa = k.shape[1] != q.shape[1]
+    block = SDPA_QUERY_BLOCK if _trim_keys(q) else rows
+    if block == rows:  # one call over every key (no host sync; GPU, torch.compile, short sequences)
+        k, v, native_gqa = _grouped_kv(q, k, v)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=_prefix_mask(q_pos, 0, keys, window),
+                                              scale=scale, enable_gqa=native_gqa)
+    starts = list(range(0, rows, block))
+    ends = [min(s + block, rows) for s in starts]
+    # one host read for every block's range: the last query of a block has the block's highest position
+    his = (q_pos[:, [e - 1 for e in ends]].amax(dim=0) + 1).tolist()
+    los = [0] * len(starts) if window is None else \
+        (q_pos[:, starts].amin(dim=0) - window + 1).clamp_min(0).tolist()
+    outs = [F.scaled_dot_product_attention(q[:, :, s:e], k[:, :, lo:hi], v[:, :, lo:hi],
+                                           attn_mask=_prefix_mask(q_pos[:, s:e], lo, hi, window), scale=scale,
+                                           enable_gqa=gqa)
+            for s, e, lo, hi in zip(starts, ends, los, his)]
+    return torch.cat(outs, dim=2)
+
+
+def _prefix_mask(q_pos: torch.Tensor, lo: int, hi: int, window: Optional[int]) -> torch.Tensor:
+    """(B, 1, Q, hi - lo) bool: key position j in [lo, hi) is allowed for the query at p iff j <= p (and inside
+    the window)."""
+    key_pos = torch.arange(lo, hi, device=q_pos.device)
+    allowed = key_pos <= q_pos[:, :, None]
+    if window is not None:
+        allowed &= (q_pos[:, :, None] - key_pos) < window
+    return allowed[:, None]
+
+
 def sdpa_unmasked(q, k, v, scale):
     """Attention where every query may attend every key (e.g. one decode token over an all-valid cache)."""
     k, v, native_gqa = _grouped_kv(q, k, v)

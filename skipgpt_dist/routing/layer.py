@@ -17,7 +17,7 @@ from torch import nn
 
 from .adapters import AttentionShape, FamilyAdapter, apply_rope
 from .attention import (flash_attn_available, flash_varlen_attention, flex_attention_call, sdpa_attention,
-                        sdpa_unmasked)
+                        sdpa_prefix_attention, sdpa_unmasked)
 from .cache import RoutedCacheLayer, routed_cache_layer
 from .context import RoutingContext, TokenLayout
 from .gates import Gates, capacity_slots, draw_gates, hashed_uniform, select_slots
@@ -42,12 +42,20 @@ class Plan:
     """Which tokens a sublayer runs on. idx/real are None in mask mode (every token runs)."""
 
     gates: Gates
-    executed: torch.Tensor  # (B, S) bool, after capacity
+    executed_tokens: Optional[torch.Tensor]  # (B, S) bool after capacity; None: made from the slots when asked
     idx: Optional[torch.Tensor] = None  # (B, k) token index of each slot
     real: Optional[torch.Tensor] = None  # (B, k) slot holds a token (else padding, discarded)
     all_executed: bool = False  # dynamic slots: every token executes and nothing records autograd (gate == 1)
     empty: bool = False  # dynamic slots: no token executes, the sublayer does not run
     decided: Optional[torch.Tensor] = None  # () number of tokens the router chose, when already known
+
+    @property
+    def executed(self) -> torch.Tensor:
+        """(B, S) bool: the tokens that run the sublayer. For static slots it is built only when asked (the
+        straight-through gradient, kv_policy=routed masks): an eval forward under kv_policy=all never needs it."""
+        if self.executed_tokens is None:
+            self.executed_tokens = torch.zeros_like(self.gates.hard).scatter(1, self.idx, self.real)
+        return self.executed_tokens
 
 
 class RoutedLayerMixin:
@@ -89,7 +97,7 @@ def plan_sublayer(logits, layout: TokenLayout, r: LayerRouting, kind: int, train
     valid, positions = layout.valid, layout.positions
     if not ctx.enabled:
         gates = Gates(hard=valid, score=valid.float(), soft=None)
-        return Plan(gates=gates, executed=valid)
+        return Plan(gates=gates, executed_tokens=valid)
     noise = None
     if training and ctx.noisy:
         ids = ctx.noise_sample_ids(valid.shape[0], valid.device)
@@ -97,9 +105,10 @@ def plan_sublayer(logits, layout: TokenLayout, r: LayerRouting, kind: int, train
     dynamic = cfg.mode == "capacity" and dynamic_slots(cfg.inference_slots, training, logits, x)
     if dynamic and logits.shape[:2] == (1, 1) and layout.all_valid:
         return single_token_plan(logits, layout)
-    gates = draw_gates(logits, valid, ctx.temperature, noise, dynamic and layout.all_valid)
+    # (without a padding mask every token is valid, known without looking at the data)
+    gates = draw_gates(logits, valid, ctx.temperature, noise, not layout.masked or (dynamic and layout.all_valid))
     if cfg.mode == "mask":
-        return Plan(gates=gates, executed=gates.hard)
+        return Plan(gates=gates, executed_tokens=gates.hard)
     if dynamic:
         return dynamic_plan(gates)
     k = capacity_slots(valid.shape[1], cfg.capacity)
@@ -107,10 +116,10 @@ def plan_sublayer(logits, layout: TokenLayout, r: LayerRouting, kind: int, train
     # the causal threshold decision with a one-slot capacity.
     candidates = valid if cfg.mode == "expert_choice" and not decoding else gates.hard
     idx, real = select_slots(candidates, gates.score, k)
-    executed = torch.zeros_like(valid).scatter(1, idx, real)
+    plan = Plan(gates=gates, executed_tokens=None, idx=idx, real=real)
     if cfg.mode == "expert_choice":
-        gates = Gates(hard=executed, score=gates.score, soft=gates.soft)
-    return Plan(gates=gates, executed=executed, idx=idx, real=real)
+        plan.gates = Gates(hard=plan.executed, score=gates.score, soft=gates.soft)
+    return plan
 
 
 def dynamic_slots(inference_slots: str, training: bool, logits: torch.Tensor, x: Optional[torch.Tensor]) -> bool:
@@ -129,13 +138,13 @@ def dynamic_plan(gates: Gates) -> Plan:
     hard = gates.hard
     low, high = (int(v) for v in torch.aminmax(hard.sum(dim=1)))
     if low == hard.shape[1]:
-        return Plan(gates=gates, executed=hard, all_executed=True)
+        return Plan(gates=gates, executed_tokens=hard, all_executed=True)
     if high == 0:
-        return Plan(gates=gates, executed=hard, empty=True)
+        return Plan(gates=gates, executed_tokens=hard, empty=True)
     # Executed tokens first, in original order (a stable sort of the decisions); the rest of a row's k slots
     # are padding (its tokens, never executed, are discarded by the scatter).
     real, idx = torch.sort(hard.view(torch.uint8), dim=1, descending=True, stable=True)
-    return Plan(gates=gates, executed=hard, idx=idx[:, :high], real=real[:, :high].bool())
+    return Plan(gates=gates, executed_tokens=hard, idx=idx[:, :high], real=real[:, :high].bool())
 
 
 def single_token_plan(logits: torch.Tensor, layout: TokenLayout) -> Plan:
@@ -147,9 +156,9 @@ def single_token_plan(logits: torch.Tensor, layout: TokenLayout) -> Plan:
     execute, skip = logits.tolist()[0][0]  # exact values in any float dtype
     if execute > skip:
         gates = Gates(hard=layout.valid, score=None, soft=None)
-        return Plan(gates=gates, executed=layout.valid, all_executed=True, decided=layout.count)
+        return Plan(gates=gates, executed_tokens=layout.valid, all_executed=True, decided=layout.count)
     gates = Gates(hard=layout.no_tokens, score=None, soft=None)
-    return Plan(gates=gates, executed=layout.no_tokens, empty=True, decided=layout.zero)
+    return Plan(gates=gates, executed_tokens=layout.no_tokens, empty=True, decided=layout.zero)
 
 
 def _flat_index(idx: torch.Tensor, seq_len: int) -> torch.Tensor:
@@ -216,9 +225,12 @@ def attention_sublayer(layer, r: LayerRouting, h, plan: Plan, layout: TokenLayou
     compacted = routed_kv and plan.idx is not None
     backend = resolve_backend(cfg.attn_backend, compacted, q)
     all_kept = cache_layer is not None and layout.all_valid and (not routed_kv or plan.all_executed)
+    # kv_policy=all, no padding, nothing cached before this chunk: the keys are exactly positions 0..S-1, all valid
+    prefix_keys = not routed_kv and (cache_layer is None or cache_layer.seen == 0) and layout.all_valid
     keys, values, key_pos, key_valid, open_keys = with_cache(cache_layer, r, k, v, k_pos, keep, h.shape[1],
                                                              all_kept, backend == "sdpa")
-    out = run_attention(backend, q, keys, values, q_pos, key_pos, key_valid, r, compacted, plan.real, open_keys)
+    out = run_attention(backend, q, keys, values, q_pos, key_pos, key_valid, r, compacted, plan.real, open_keys,
+                        prefix_keys)
     out = out.transpose(1, 2).reshape(*x_q.shape[:2], shape.heads * shape.head_dim)
     return combine(h, getattr(attn, ad.o_proj)(out), plan, cfg.gate_grad == "dense")
 
@@ -277,12 +289,15 @@ def resolve_backend(backend: str, compacted: bool, q: torch.Tensor) -> str:
 
 
 def run_attention(backend, q, k, v, q_pos, k_pos, k_valid, r: LayerRouting, compacted: bool, q_real,
-                  open_keys: bool = False):
-    """backend: resolved (resolve_backend). open_keys: every query may attend every key (no mask needed)."""
+                  open_keys: bool = False, prefix_keys: bool = False):
+    """backend: resolved (resolve_backend). open_keys: every query may attend every key (no mask needed).
+    prefix_keys: the keys are positions 0..K-1, all valid (then k_pos and k_valid say nothing more)."""
     if backend == "flash" and compacted:
         return flash_varlen_attention(q, k, v, q_real, k_valid, r.window, r.scale)
     if backend == "flex":
         return flex_attention_call(q, k, v, q_pos, k_pos, k_valid, r.window, r.scale)
+    if prefix_keys:
+        return sdpa_prefix_attention(q, k, v, q_pos, r.window, r.scale)
     if open_keys:
         return sdpa_unmasked(q, k, v, r.scale)
     return sdpa_attention(q, k, v, q_pos, k_pos, k_valid, r.window, r.scale)
@@ -309,12 +324,14 @@ def combine(h, out, plan: Plan, dense_grad: bool, h_is_scratch: bool = False) ->
                                                            (h.requires_grad or out.requires_grad))
     if plan.all_executed:  # every gate is 1 and carries no gradient
         return h.add_(out) if in_place else h + out
-    mult = plan.gates.straight_through(plan.executed, dense_grad)
     if plan.idx is None:
+        mult = plan.gates.straight_through(plan.executed, dense_grad)
         return h + out * mult[..., None].to(out.dtype)
     # Real slots hold executed tokens, whose multiplier is exactly 1 in value: multiply only to carry the
     # straight-through gradient.
-    if mult.requires_grad:
+    soft = plan.gates.soft
+    if soft is not None and soft.requires_grad:
+        mult = plan.gates.straight_through(plan.executed, dense_grad)
         out = out * mult.gather(1, plan.idx)[..., None].to(out.dtype)
     if in_place:
         rows = torch.where(plan.real[..., None], out, torch.zeros((), dtype=out.dtype, device=out.device))
@@ -332,7 +349,10 @@ def record_stats(ctx: RoutingContext, layer_idx: int, valid, count, attn_plan: P
 def _sublayer_stats(p: Plan, valid, count) -> dict:
     # As few ops as possible (they run per layer at every decode step): a count is reused where two coincide.
     decided = p.decided if p.decided is not None else p.gates.hard.sum()
-    executed = decided if p.executed is p.gates.hard else p.executed.sum()
+    if p.executed_tokens is p.gates.hard:
+        executed = decided
+    else:  # slots hold distinct tokens: the real ones are the executed ones
+        executed = p.real.sum() if p.idx is not None else p.executed.sum()
     if p.gates.soft is None:  # no straight-through gradient: the regulariser's gate is the decision itself
         gate_sum = decided
     else:  # keeps the ST gradient for the sparsity loss
