@@ -48,7 +48,7 @@ PRESETS = {
         stage1_config="configs/smollm2_stage1.yaml", stage2_config="configs/smollm2_stage2.yaml",
         common=["data.seq_len=256", "data.eval_sequences=32", "checkpoint.every_steps=0", "logging.progress=true"],
         stage1=["optim.max_steps=60", "optim.lr=1e-3", "routers.init_margin=5", "routers.init=block_influence"],
-        stage2=["optim.max_steps=120", "optim.lr=1e-3", "routers.mode=mask", "stage.train_routers=true"],
+        stage2=["optim.max_steps=120", "optim.lr=2e-3", "routers.mode=mask", "stage.train_routers=true"],
         calibration_sequences=16),
     "quick": Preset(
         stage1_config="configs/tiny.yaml", stage2_config="configs/tiny_stage2.yaml",

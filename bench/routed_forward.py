@@ -218,7 +218,9 @@ def summarise(results, vs: list[Variant], parts, stats) -> list[dict]:
             row["meets_target"] = bool(row["forward_gap"] <= TARGET_FWD and row["train_gap"] <= TARGET_TRAIN)
         elif v.mode == "mask":
             row["ideal_forward"] = row["ideal_train"] = 1.0
-            row["meets_target"] = bool(row["forward_ratio"] >= 1.0 and row["train_ratio"] >= 1.0)
+            # an expectation, not a target: mask runs every sublayer plus the routing, but its blocked, key-trimmed
+            # CPU attention can beat the dense model's single is_causal SDPA call
+            row["as_expected"] = bool(row["forward_ratio"] >= 1.0 and row["train_ratio"] >= 1.0)
         else:
             row["ideal_forward"] = row["ideal_train"] = 1.0
         if v.name in stats:
@@ -240,6 +242,8 @@ def print_table(rows: list[dict]) -> None:
         of = f"{st['eval']['overflow_frac']:.3f}" if st else "-"
         refined = f"{r['ideal_train_refined']:.3f}" if "ideal_train_refined" in r else "-"
         target = {True: "ok", False: "MISS"}.get(r.get("meets_target"), "")
+        if "as_expected" in r:
+            target = ">= 1.0" if r["as_expected"] else "< 1.0 (attention)"
         print(f"{r['variant']:<20}{r['forward_ms']:>9.1f}{r['forward_ratio']:>8.3f}{r['forward_ratio_min']:>7.3f}"
               f"{r['ideal_forward']:>7.3f}{r['train_ms']:>10.1f}{r['train_ratio']:>9.3f}{r['train_ratio_min']:>7.3f}"
               f"{r['ideal_train']:>7.3f}{refined:>10}{ev:>17}{tr:>18}{of:>10}  {target}")
@@ -298,7 +302,8 @@ def main(argv=None) -> dict:
           "(train ideal = forward ideal, as the issue sets it; refined = frozen-base backward weighting). "
           "exec a/m = executed fraction attention/MLP; overflow = router-chosen tokens without a slot.")
     print(f"load average during the run: {loadavg()}")
-    print(f"targets: capacity ratio <= ideal + {TARGET_FWD} (forward) / + {TARGET_TRAIN} (train); mask >= 1.0")
+    print(f"targets: capacity ratio <= ideal + {TARGET_FWD} (forward) / + {TARGET_TRAIN} (train). mask is expected "
+          ">= 1.0 (it runs every sublayer); it can go below where its blocked SDPA beats dense's is_causal SDPA")
     record = {"bench": "routed_forward", "layers": args.layers, "seq_len": args.seq_len, "batch": args.batch,
               "repeats": args.repeats, "threads": args.threads, "torch": torch.__version__,
               "loadavg_end": loadavg(), "flop_shares": flop_shares(parts), "sanity_ideal_30L_1024": sanity, "variants": rows}

@@ -107,6 +107,19 @@ def test_blocked_cpu_attention_matches_the_oracle(monkeypatch, family, policy, p
             torch.testing.assert_close(got[mask.bool()], expected, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("policy", POLICIES)
+@pytest.mark.parametrize("padding", ["none", "left"])
+def test_blocked_cpu_attention_router_gradients_equal_one_block(monkeypatch, policy, padding):
+    ids, mask = batch(seed=5, padding=padding, seq_len=23)
+    loss, grads = train_step_grads(build("mistral", mode="capacity", capacity=1.0, kv_policy=policy), ids, mask)
+    monkeypatch.setattr("skipgpt_dist.routing.attention.SDPA_QUERY_BLOCK", 4)
+    loss_blocked, grads_blocked = train_step_grads(build("mistral", mode="capacity", capacity=1.0, kv_policy=policy),
+                                                   ids, mask)
+    torch.testing.assert_close(loss_blocked, loss, atol=1e-5, rtol=1e-5)
+    for name in grads:
+        torch.testing.assert_close(grads_blocked[name], grads[name], atol=1e-5, rtol=1e-4)
+
+
 def oracle_forward(model, ids, mask, policy):
     base = model.model
     h = base.embed_tokens(ids)

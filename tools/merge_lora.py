@@ -1,7 +1,7 @@
 """Fold a stage-2 checkpoint's LoRA into the base weights: a self-contained routed model folder.
 
     python tools/merge_lora.py --checkpoint runs/tiny_stage2 --out exports/tiny-routed
-    python tools/merge_lora.py --base builtin:smollm2-135m --checkpoint runs/smollm2_stage2/checkpoints/step_00000040 \
+    python tools/merge_lora.py --base builtin:smollm2-135m --checkpoint runs/smollm2_stage2/checkpoints/step_00000120 \
         --out exports/smollm2-routed --force
 
 The checkpoint may come from any back end (one process, DeepSpeed ZeRO, FSDP2/DCP). The output holds HF safetensors
