@@ -69,41 +69,44 @@ def sdpa_attention(q, k, v, q_pos, k_pos, k_valid, window, scale):
     position, so a block's range is about its causal prefix): the same allowed set per row, about half the work.
     """
     mask = allowed_mask(q_pos, k_pos, k_valid, window)
-    spans = _key_spans(mask, SDPA_QUERY_BLOCK) if _trim_keys(q) else None
-    gqa = k.shape[1] != q.shape[1]
-    if spans is None:
-        k, v, native_gqa = _grouped_kv(q, k, v)
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=native_gqa)
-    # CPU SDPA handles grouped KV heads natively (enable_gqa): no repeated copies of K/V.
-    outs = [F.scaled_dot_product_attention(q_block, k[:, :, lo:hi], v[:, :, lo:hi],
-                                           attn_mask=mask[:, :, s:e, lo:hi], scale=scale, enable_gqa=gqa)
-            for q_block, (s, e, lo, hi) in zip(q.split(SDPA_QUERY_BLOCK, dim=2), spans)]
-    return torch.cat(outs, dim=2)
+    if not _trim_keys(q):
+        return _sdpa_one_call(q, k, v, mask, scale)
+    return _sdpa_in_blocks(q, k, v, _key_spans(mask, SDPA_QUERY_BLOCK),
+                           lambda s, e, lo, hi: mask[:, :, s:e, lo:hi], scale)
 
 
 def sdpa_prefix_attention(q, k, v, q_pos, window, scale):
     """Attention where the keys are positions 0..K-1 of the sequence, all valid (kv_policy=all with no padding and
-    no cache): a query at position p attends keys [max(0, p - window + 1), p]. The same as sdpa_attention without
-    building and reducing a (Q, K) mask: each block's key range comes from its first and last query positions
-    (queries are sorted by position within each row), and each block's mask is made for its range only.
+    nothing cached before): a query at position p attends keys [max(0, p - window + 1), p]. The same as
+    sdpa_attention without building and reducing a (Q, K) mask: each block's key range comes from its first and
+    last query positions (queries are sorted by position within each row), and each block's mask is made for its
+    range only.
     """
-    rows, keys = q.shape[2], k.shape[2]
-    gqa = k.shape[1] != q.shape[1]
-    block = SDPA_QUERY_BLOCK if _trim_keys(q) else rows
-    if block == rows:  # one call over every key (no host sync; GPU, torch.compile, short sequences)
-        k, v, native_gqa = _grouped_kv(q, k, v)
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=_prefix_mask(q_pos, 0, keys, window),
-                                              scale=scale, enable_gqa=native_gqa)
-    starts = list(range(0, rows, block))
-    ends = [min(s + block, rows) for s in starts]
+    rows = q.shape[2]
+    if not _trim_keys(q):  # one call over every key (no host sync; GPU, torch.compile, short sequences)
+        return _sdpa_one_call(q, k, v, _prefix_mask(q_pos, 0, k.shape[2], window), scale)
+    starts = list(range(0, rows, SDPA_QUERY_BLOCK))
+    ends = [min(s + SDPA_QUERY_BLOCK, rows) for s in starts]
     # one host read for every block's range: the last query of a block has the block's highest position
     his = (q_pos[:, [e - 1 for e in ends]].amax(dim=0) + 1).tolist()
     los = [0] * len(starts) if window is None else \
         (q_pos[:, starts].amin(dim=0) - window + 1).clamp_min(0).tolist()
+    return _sdpa_in_blocks(q, k, v, list(zip(starts, ends, los, his)),
+                           lambda s, e, lo, hi: _prefix_mask(q_pos[:, s:e], lo, hi, window), scale)
+
+
+def _sdpa_one_call(q, k, v, mask, scale):
+    k, v, native_gqa = _grouped_kv(q, k, v)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=native_gqa)
+
+
+def _sdpa_in_blocks(q, k, v, spans, block_mask, scale):
+    """One SDPA call per (start, end, lo, hi) span: query rows [start, end) over keys [lo, hi), with
+    block_mask(start, end, lo, hi). CPU only (its SDPA reads grouped KV heads natively: no repeated K/V)."""
+    gqa = k.shape[1] != q.shape[1]
     outs = [F.scaled_dot_product_attention(q[:, :, s:e], k[:, :, lo:hi], v[:, :, lo:hi],
-                                           attn_mask=_prefix_mask(q_pos[:, s:e], lo, hi, window), scale=scale,
-                                           enable_gqa=gqa)
-            for s, e, lo, hi in zip(starts, ends, los, his)]
+                                           attn_mask=block_mask(s, e, lo, hi), scale=scale, enable_gqa=gqa)
+            for s, e, lo, hi in spans]
     return torch.cat(outs, dim=2)
 
 

@@ -228,7 +228,8 @@ def attention_sublayer(layer, r: LayerRouting, h, plan: Plan, layout: TokenLayou
     # kv_policy=all, no padding, nothing cached before this chunk: the keys are exactly positions 0..S-1, all valid
     prefix_keys = not routed_kv and (cache_layer is None or cache_layer.seen == 0) and layout.all_valid
     keys, values, key_pos, key_valid, open_keys = with_cache(cache_layer, r, k, v, k_pos, keep, h.shape[1],
-                                                             all_kept, backend == "sdpa")
+                                                             all_kept, backend == "sdpa",
+                                                             backend == "flex" or not prefix_keys)
     out = run_attention(backend, q, keys, values, q_pos, key_pos, key_valid, r, compacted, plan.real, open_keys,
                         prefix_keys)
     out = out.transpose(1, 2).reshape(*x_q.shape[:2], shape.heads * shape.head_dim)
@@ -236,11 +237,13 @@ def attention_sublayer(layer, r: LayerRouting, h, plan: Plan, layout: TokenLayou
 
 
 def with_cache(cache_layer: Optional[RoutedCacheLayer], r: LayerRouting, k, v, k_pos, keep, new_tokens: int,
-               all_kept: bool, maskless_ok: bool):
+               all_kept: bool, maskless_ok: bool, positions_needed: bool = True):
     """(keys, values, key_pos, key_valid, open_keys): this chunk's keys/values after the cached ones.
 
     open_keys: one new token per row over a cache of only valid entries, all inside the window, so every key is
     allowed (the decode case); with maskless_ok (SDPA serves) positions and flags are then not even fetched.
+    positions_needed=False: the attention call will not read them either (prefix keys), so the cache's implied
+    positions and flags are not built.
     """
     if cache_layer is None:
         return k, v, k_pos, keep, False
@@ -254,8 +257,8 @@ def with_cache(cache_layer: Optional[RoutedCacheLayer], r: LayerRouting, k, v, k
         # (an empty cache: no row kept a key yet, e.g. mask mode; the chunk's rows are then opened by allowed_mask)
         return k, v, k_pos, keep, open_keys
     # The cache (appended first) already holds the past and this chunk, minus entries never attended: no copy.
-    if open_keys and maskless_ok:
-        return cache_layer.keys, cache_layer.values, None, None, True
+    if (open_keys and maskless_ok) or not positions_needed:
+        return cache_layer.keys, cache_layer.values, None, None, open_keys
     return cache_layer.keys, cache_layer.values, cache_layer.key_pos, cache_layer.key_valid, open_keys
 
 
@@ -349,10 +352,8 @@ def record_stats(ctx: RoutingContext, layer_idx: int, valid, count, attn_plan: P
 def _sublayer_stats(p: Plan, valid, count) -> dict:
     # As few ops as possible (they run per layer at every decode step): a count is reused where two coincide.
     decided = p.decided if p.decided is not None else p.gates.hard.sum()
-    if p.executed_tokens is p.gates.hard:
-        executed = decided
-    else:  # slots hold distinct tokens: the real ones are the executed ones
-        executed = p.real.sum() if p.idx is not None else p.executed.sum()
+    # Without slots the executed tokens are the decided ones; slots hold distinct tokens, the real ones executed.
+    executed = decided if p.idx is None else p.real.sum()
     if p.gates.soft is None:  # no straight-through gradient: the regulariser's gate is the decision itself
         gate_sum = decided
     else:  # keeps the ST gradient for the sparsity loss
