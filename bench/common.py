@@ -2,6 +2,7 @@
 model behind every "ideal" ratio, and what a router's Linear reads."""
 from __future__ import annotations
 
+import ctypes
 import gc
 import statistics
 import sys
@@ -31,8 +32,36 @@ def time_call(fn: Callable[[], object], device=None) -> float:
         gc.enable()
 
 
+def keep_freed_memory() -> bool:
+    """Have glibc's malloc keep every page it has faulted in: no mmap'd chunks (those go back to the OS on free) and
+    no trimming of the heap. Once the heap has grown to the working set (a few calls: an aligned allocation does not
+    always fit the chunk just freed), a timed call reuses pages an earlier call touched. Otherwise whether a call pays
+    first-touch page faults (~50 ms for the 49k pages of a forward's 201 MB logits buffer at SmolLM2 shape) depends
+    on the heap's state at that moment, and it hits variants at random: up to +-0.03 on a time ratio, noise that has
+    nothing to do with the code measured. Linux/glibc only; elsewhere nothing changes (returns False)."""
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:
+        return False
+    m_trim_threshold, m_top_pad, m_mmap_max = -1, -2, -4  # glibc <malloc.h>
+    int_max = 2 ** 31 - 1  # mallopt takes a C int
+    return bool(libc.mallopt(m_mmap_max, 0) and libc.mallopt(m_trim_threshold, int_max)
+                and libc.mallopt(m_top_pad, 256 << 20))
+
+
+def minor_faults() -> int:
+    """Minor page faults of this process so far (0 where getrusage is unavailable)."""
+    try:
+        import resource
+    except ImportError:
+        return 0
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+
+
 def round_robin(names: Sequence[str], repeats: int, measure: Callable[[str], dict[str, float]],
-                rotate: bool = True) -> dict[str, dict[str, list[float]]]:
+                rotate: bool = True, label: str = "") -> dict[str, dict[str, list[float]]]:
     """Run measure(name) for every name once per repeat, interleaved, so load noise hits every variant alike.
 
     The starting variant rotates each repeat (no variant always runs first or last). Returns
@@ -44,7 +73,7 @@ def round_robin(names: Sequence[str], repeats: int, measure: Callable[[str], dic
         for name in list(names[shift:]) + list(names[:shift]):
             for metric, value in measure(name).items():
                 out[name].setdefault(metric, []).append(value)
-        print(f"[bench] repeat {rep + 1}/{repeats} done", file=sys.stderr, flush=True)
+        print(f"[bench] {label}repeat {rep + 1}/{repeats} done", file=sys.stderr, flush=True)
     return out
 
 

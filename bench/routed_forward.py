@@ -2,7 +2,9 @@
 
 The model is a LlamaForCausalLM with the shape of SmolLM2-135M (30 layers, hidden 576, MLP 1536, 9 heads / 3 KV
 heads, vocab 49152, tied embeddings), random weights, fp32. Every variant is measured in the same run,
-round-robin inside each repeat (so background load hits all of them alike); medians are reported.
+round-robin inside each repeat (so background load hits all of them alike), forwards and train steps in separate
+phases; medians are reported. glibc is told to keep freed memory (--allocator keep, the default), so no timed call
+pays page faults that depend on the heap's state; the faults column shows the median per forward.
 
     python bench/routed_forward.py                       # full run: S=1024, B=1, 30 layers, 5 repeats
     python bench/routed_forward.py --quick               # smoke run: 4 layers, S=256, 2 repeats (<30 s)
@@ -29,8 +31,8 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from bench.common import (Shape, flop_parts, flop_shares, ideal_ratio, loadavg, median, round_robin,  # noqa: E402
-                          router_linear_input, time_call)
+from bench.common import (Shape, flop_parts, flop_shares, ideal_ratio, keep_freed_memory, loadavg, median,  # noqa: E402
+                          minor_faults, round_robin, router_linear_input, time_call)
 from skipgpt_dist import RouterConfig, attach_routers, routing_context, routing_stats  # noqa: E402
 
 SMOLLM2_135M = dict(hidden_size=576, intermediate_size=1536, num_attention_heads=9, num_key_value_heads=3,
@@ -168,8 +170,13 @@ class Bench:
         loss.backward()
         model.eval()
 
-    def measure(self, v: Variant) -> dict[str, float]:
-        return {"forward": time_call(lambda: self.forward(v)), "train": time_call(lambda: self.train_step(v))}
+    def measure_forward(self, v: Variant) -> dict[str, float]:
+        faults = minor_faults()
+        forward = time_call(lambda: self.forward(v))
+        return {"forward": forward, "forward_faults": minor_faults() - faults}
+
+    def measure_train(self, v: Variant) -> dict[str, float]:
+        return {"train": time_call(lambda: self.train_step(v))}
 
     def record_stats(self, v: Variant) -> None:
         """Execute/overflow fractions of one eval forward and one train step (Gumbel gates)."""
@@ -208,6 +215,7 @@ def summarise(results, vs: list[Variant], parts, stats) -> list[dict]:
                "forward_ratio_min": min(results[v.name]["forward"]) / min(results["dense"]["forward"]),
                "train_ratio_min": min(results[v.name]["train"]) / min(results["dense"]["train"]),
                "forward_ms_all": [1e3 * t for t in results[v.name]["forward"]],
+               "forward_page_faults": median(results[v.name]["forward_faults"]),
                "train_ms_all": [1e3 * t for t in results[v.name]["train"]]}
         if v.mode == "capacity":
             row["ideal_forward"] = ideal_ratio(parts, v.capacity, v.kv_policy)
@@ -232,7 +240,7 @@ def summarise(results, vs: list[Variant], parts, stats) -> list[dict]:
 def print_table(rows: list[dict]) -> None:
     head = (f"{'variant':<20}{'fwd ms':>9}{'fwd x':>8}{'(min)':>7}{'ideal':>7}{'train ms':>10}{'train x':>9}"
             f"{'(min)':>7}{'ideal':>7}{'(refined)':>10}{'exec a/m (eval)':>17}{'exec a/m (train)':>18}"
-            f"{'overflow':>10}  target")
+            f"{'overflow':>10}{'faults':>8}  target")
     print(head)
     print("-" * len(head))
     for r in rows:
@@ -244,9 +252,10 @@ def print_table(rows: list[dict]) -> None:
         target = {True: "ok", False: "MISS"}.get(r.get("meets_target"), "")
         if "as_expected" in r:
             target = ">= 1.0" if r["as_expected"] else "< 1.0 (attention)"
+        faults = r["forward_page_faults"]
         print(f"{r['variant']:<20}{r['forward_ms']:>9.1f}{r['forward_ratio']:>8.3f}{r['forward_ratio_min']:>7.3f}"
               f"{r['ideal_forward']:>7.3f}{r['train_ms']:>10.1f}{r['train_ratio']:>9.3f}{r['train_ratio_min']:>7.3f}"
-              f"{r['ideal_train']:>7.3f}{refined:>10}{ev:>17}{tr:>18}{of:>10}  {target}")
+              f"{r['ideal_train']:>7.3f}{refined:>10}{ev:>17}{tr:>18}{of:>10}{faults:>8.0f}  {target}")
 
 
 def parse_args(argv=None):
@@ -257,6 +266,9 @@ def parse_args(argv=None):
     p.add_argument("--layers", type=int, help="default 30 (--quick: 4)")
     p.add_argument("--kv-policy", choices=("all", "routed", "both"), default="all")
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--allocator", choices=("keep", "default"), default="keep",
+                   help="keep (default): glibc keeps freed memory, so no timed forward pays first-touch page faults "
+                        "that depend on the heap's state (see bench.common.keep_freed_memory); default: as is")
     p.add_argument("--quick", action="store_true", help="smoke run: 4 layers, seq 256, 2 repeats (explicit flags win)")
     args = p.parse_args(argv)
     defaults = dict(layers=4, seq_len=256, repeats=2) if args.quick else dict(layers=30, seq_len=1024, repeats=5)
@@ -269,6 +281,7 @@ def parse_args(argv=None):
 def main(argv=None) -> dict:
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
+    kept = keep_freed_memory() if args.allocator == "keep" else False
     kv_policies = ["all", "routed"] if args.kv_policy == "both" else [args.kv_policy]
     dense, routed, shape = build_models(args.layers, args.seq_len)
     ids = torch.randint(0, shape.vocab, (args.batch, args.seq_len), generator=torch.Generator().manual_seed(0))
@@ -284,6 +297,8 @@ def main(argv=None) -> dict:
     print(f"load average at start: {loadavg()} (other processes skew timings; medians and round-robin limit it)")
     print(f"SmolLM2-135M shape, {args.layers} layers, batch {args.batch}, seq {args.seq_len}, fp32, "
           f"{args.threads} threads, {args.repeats} repeats (round-robin), torch {torch.__version__}")
+    print("allocator: " + ("glibc keeps freed memory (no heap-state-dependent page faults in timed calls)" if kept
+                           else "as is (timed calls may pay first-touch page faults, depending on the heap's state)"))
     print("FLOP shares at this shape/seq: " + ", ".join(f"{k} {100 * v:.1f}%" for k, v in flop_shares(parts).items()))
     print("Ideal forward ratios for 30 layers, seq 1024 (facts.md: all 0.807 / 0.692): " +
           ", ".join(f"{k} {v:.3f}" for k, v in sanity.items()))
@@ -294,18 +309,27 @@ def main(argv=None) -> dict:
             bench.train_step(v)
         else:
             bench.record_stats(v)
-    results = round_robin([v.name for v in vs], args.repeats, lambda name: bench.measure(by_name[name]))
+    # Forwards and train steps in separate round-robin phases: a forward timed right after another variant's
+    # backward pass starts from that pass's caches and heap, which neither inference nor training ever does.
+    names = [v.name for v in vs]
+    results = round_robin(names, args.repeats, lambda name: bench.measure_forward(by_name[name]),
+                          label="forward ")
+    train = round_robin(names, args.repeats, lambda name: bench.measure_train(by_name[name]), label="train step ")
+    for name, metrics in train.items():
+        results[name].update(metrics)
     rows = summarise(results, vs, parts, bench.stats)
     print()
     print_table(rows)
     print("\nx = median time / median dense time ((min) = fastest repeat / fastest dense repeat); ideal = FLOP ratio "
           "(train ideal = forward ideal, as the issue sets it; refined = frozen-base backward weighting). "
-          "exec a/m = executed fraction attention/MLP; overflow = router-chosen tokens without a slot.")
+          "exec a/m = executed fraction attention/MLP; overflow = router-chosen tokens without a slot; faults = "
+          "median minor page faults per timed forward.")
     print(f"load average during the run: {loadavg()}")
     print(f"targets: capacity ratio <= ideal + {TARGET_FWD} (forward) / + {TARGET_TRAIN} (train). mask is expected "
           ">= 1.0 (it runs every sublayer); it can go below where its blocked SDPA beats dense's is_causal SDPA")
     record = {"bench": "routed_forward", "layers": args.layers, "seq_len": args.seq_len, "batch": args.batch,
               "repeats": args.repeats, "threads": args.threads, "torch": torch.__version__,
+              "allocator": "keep" if kept else "default",
               "loadavg_end": loadavg(), "flop_shares": flop_shares(parts), "sanity_ideal_30L_1024": sanity, "variants": rows}
     print(json.dumps(record))
     return record

@@ -15,6 +15,34 @@ def test_routed_forward_quick_runs():
     variants = {v["variant"]: v for v in result["variants"]}
     assert {"dense", "mask/all", "capacity0.75/all", "capacity0.60/all"} <= set(variants)
     assert variants["capacity0.75/all"]["routing"]["eval"]["attn_execute"] == 0.75
+    assert result["allocator"] == "keep" and all(v["forward_page_faults"] >= 0 for v in variants.values())
+
+
+def test_keep_freed_memory_stops_first_touch_faults_on_reuse():
+    """Without it, a 64 MB buffer freed and allocated again is a fresh mapping (glibc mmaps chunks that large and
+    unmaps them on free): every call faults all its pages in again. With it, once the heap has grown to the working
+    set (a few calls: aligned allocations do not always fit the chunk just freed), calls reuse faulted-in pages."""
+    code = f"""
+import sys
+sys.path.insert(0, {str(ROOT)!r})
+import torch
+from bench.common import keep_freed_memory, minor_faults
+
+def faults_of_a_fresh_64mb_buffer():
+    before = minor_faults()
+    torch.ones(16 << 20)  # 64 MB of float32, written and freed
+    return minor_faults() - before
+
+print(max(faults_of_a_fresh_64mb_buffer() for _ in range(3)))
+assert keep_freed_memory()
+for _ in range(20):
+    faults_of_a_fresh_64mb_buffer()
+print(max(faults_of_a_fresh_64mb_buffer() for _ in range(5)))
+"""
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    default, kept = (int(line) for line in proc.stdout.split())
+    assert default > 10_000 and kept < 100, (default, kept)
 
 
 def test_generate_quick_runs(tiny_model_dir):

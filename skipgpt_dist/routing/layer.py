@@ -181,7 +181,8 @@ def scatter_add_tokens(h: torch.Tensor, idx: torch.Tensor, rows: torch.Tensor, r
     """h with rows (B, k, d) added at token indices idx (B, k; distinct per row) where real (B, k) is set.
 
     Rows of padding slots (real False) are added to a scratch row that is dropped, so whatever they hold never
-    reaches h (and they get zero gradient), without a masking pass over the rows.
+    reaches h (and they get zero gradient), without a masking pass over the rows. The result is the first B*S rows
+    of that (B*S + 1)-row buffer (spare_row_buffer finds it again for the in-place MLP combine).
     """
     batch, seq_len, dim = h.shape
     n = batch * seq_len
@@ -337,11 +338,27 @@ def combine(h, out, plan: Plan, dense_grad: bool, h_is_scratch: bool = False) ->
         mult = plan.gates.straight_through(plan.executed, dense_grad)
         out = out * mult.gather(1, plan.idx)[..., None].to(out.dtype)
     if in_place:
-        rows = torch.where(plan.real[..., None], out, torch.zeros((), dtype=out.dtype, device=out.device))
         batch, seq_len, dim = h.shape
-        h.view(batch * seq_len, dim).index_add_(0, _flat_index(plan.idx, seq_len), rows.reshape(-1, dim))
+        n, flat_idx, rows = batch * seq_len, _flat_index(plan.idx, seq_len), out.reshape(-1, dim)
+        buffer = spare_row_buffer(h)
+        if buffer is not None:  # padding slots add into the spare row: no masking pass over the rows
+            buffer.index_add_(0, torch.where(plan.real.reshape(-1), flat_idx, n), rows)
+        else:
+            rows = torch.where(plan.real.reshape(-1, 1), rows, torch.zeros((), dtype=out.dtype, device=out.device))
+            h.view(n, dim).index_add_(0, flat_idx, rows)
         return h
     return scatter_add_tokens(h, plan.idx, out, plan.real)
+
+
+def spare_row_buffer(h: torch.Tensor) -> Optional[torch.Tensor]:
+    """The (B*S + 1, d) buffer whose first B*S rows are h, when h came from scatter_add_tokens (its last row is
+    scratch), else None. Only asked for a tensor this block made itself (h_is_scratch)."""
+    base = h._base
+    batch, seq_len, dim = h.shape
+    if base is None or base.shape != (batch * seq_len + 1, dim) or base.data_ptr() != h.data_ptr() \
+            or not base.is_contiguous():
+        return None
+    return base
 
 
 def record_stats(ctx: RoutingContext, layer_idx: int, valid, count, attn_plan: Plan, mlp_plan: Plan) -> None:
