@@ -169,6 +169,12 @@ def _flat_index(idx: torch.Tensor, seq_len: int) -> torch.Tensor:
     return (idx + offsets).reshape(-1)
 
 
+def _row_or_spare(idx: torch.Tensor, real: torch.Tensor, seq_len: int) -> torch.Tensor:
+    """(B*k,) row of each slot in the flattened (B*S + 1, ...) buffer of scatter_add_tokens: its token's row, or the
+    spare row B*S for a padding slot."""
+    return torch.where(real.reshape(-1), _flat_index(idx, seq_len), idx.shape[0] * seq_len)
+
+
 def gather_tokens(x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
     # Row-wise index_select on the flattened tensor: ~10x faster on CPU than gather with an index expanded
     # over the hidden dimension (forward and backward), same values.
@@ -186,8 +192,8 @@ def scatter_add_tokens(h: torch.Tensor, idx: torch.Tensor, rows: torch.Tensor, r
     """
     batch, seq_len, dim = h.shape
     n = batch * seq_len
-    flat_idx = torch.where(real.reshape(-1), _flat_index(idx, seq_len), n)
-    out = torch.cat([h.reshape(n, dim), h.new_zeros(1, dim)]).index_add_(0, flat_idx, rows.reshape(-1, dim))
+    out = torch.cat([h.reshape(n, dim), h.new_zeros(1, dim)]).index_add_(0, _row_or_spare(idx, real, seq_len),
+                                                                          rows.reshape(-1, dim))
     return out[:n].view(batch, seq_len, dim)
 
 
@@ -339,13 +345,13 @@ def combine(h, out, plan: Plan, dense_grad: bool, h_is_scratch: bool = False) ->
         out = out * mult.gather(1, plan.idx)[..., None].to(out.dtype)
     if in_place:
         batch, seq_len, dim = h.shape
-        n, flat_idx, rows = batch * seq_len, _flat_index(plan.idx, seq_len), out.reshape(-1, dim)
+        rows = out.reshape(-1, dim)
         buffer = spare_row_buffer(h)
         if buffer is not None:  # padding slots add into the spare row: no masking pass over the rows
-            buffer.index_add_(0, torch.where(plan.real.reshape(-1), flat_idx, n), rows)
+            buffer.index_add_(0, _row_or_spare(plan.idx, plan.real, seq_len), rows)
         else:
             rows = torch.where(plan.real.reshape(-1, 1), rows, torch.zeros((), dtype=out.dtype, device=out.device))
-            h.view(n, dim).index_add_(0, flat_idx, rows)
+            h.view(batch * seq_len, dim).index_add_(0, _flat_index(plan.idx, seq_len), rows)
         return h
     return scatter_add_tokens(h, plan.idx, out, plan.real)
 
