@@ -93,9 +93,9 @@ def sdpa_prefix_attention(q, k, v, q_pos, window, scale):
     his = (q_pos[:, [e - 1 for e in ends]].amax(dim=0) + 1).tolist()
     los = [0] * len(starts) if window is None else \
         (q_pos[:, starts].amin(dim=0) - window + 1).clamp_min(0).tolist()
-    key_pos = torch.arange(max(his), device=q.device)  # one arange; each block's mask reads a slice of it
+    mask_rows = _PrefixMaskRows(max(his), window, q.dtype, q.device)
     return _sdpa_in_blocks(q, k, v, list(zip(starts, ends, los, his)),
-                           lambda s, e, lo, hi: _prefix_mask(q_pos[:, s:e], key_pos[lo:hi], window), scale)
+                           lambda s, e, lo, hi: mask_rows(q_pos[:, s:e], lo, hi), scale)
 
 
 def _sdpa_one_call(q, k, v, mask, scale):
@@ -108,9 +108,12 @@ def _sdpa_in_blocks(q, k, v, spans, block_mask, scale):
     block_mask(start, end, lo, hi). CPU only (its SDPA reads grouped KV heads natively: no repeated K/V)."""
     gqa = k.shape[1] != q.shape[1]
     outs = [F.scaled_dot_product_attention(q[:, :, s:e], k[:, :, lo:hi], v[:, :, lo:hi],
-                                           attn_mask=block_mask(s, e, lo, hi), scale=scale, enable_gqa=gqa)
+                                           attn_mask=block_mask(s, e, lo, hi), scale=scale,
+                                           enable_gqa=gqa).transpose(1, 2)
             for s, e, lo, hi in spans]
-    return torch.cat(outs, dim=2)
+    # Joined in (B, Q, H, D) memory, as CPU SDPA lays out its own output: the caller's
+    # transpose(1, 2).reshape(B, Q, H * D) is then a view, not one more copy of every row.
+    return torch.cat(outs, dim=1).transpose(1, 2)
 
 
 def _prefix_mask(q_pos: torch.Tensor, key_pos: torch.Tensor, window: Optional[int]) -> torch.Tensor:
@@ -120,6 +123,29 @@ def _prefix_mask(q_pos: torch.Tensor, key_pos: torch.Tensor, window: Optional[in
     if window is not None:
         allowed &= (q_pos[:, :, None] - key_pos) < window
     return allowed[:, None]
+
+
+class _PrefixMaskRows:
+    """Additive float masks for prefix attention: rows(q_pos, lo, hi) is (B, 1, Q, hi - lo), 0 where key j in
+    [lo, hi) is allowed for the query at position p (j <= p, inside the window) and -inf elsewhere.
+
+    Whether j is allowed depends only on j - p, so every row is a slice of one step vector indexed by j - p, and
+    a block's mask is one gather. A bool mask costs a compare here and SDPA's own bool -> float conversion
+    (two more passes) on every block.
+    """
+
+    def __init__(self, keys: int, window: Optional[int], dtype: torch.dtype, device):
+        offset = torch.arange(2 * keys, device=device) - (keys - 1)  # element i stands for j - p = i - (keys - 1)
+        allowed = offset <= 0
+        if window is not None:
+            allowed &= offset > -window
+        self.keys = keys
+        self.step = torch.zeros(2 * keys, dtype=dtype, device=device).masked_fill_(~allowed, float("-inf"))
+
+    def __call__(self, q_pos: torch.Tensor, lo: int, hi: int) -> torch.Tensor:
+        # row p starts at j - p = lo - p: element keys - 1 + lo - p, in [0, keys - 1] as lo <= p < hi <= keys
+        windows = self.step.unfold(0, hi - lo, 1)
+        return windows[(self.keys - 1 + lo) - q_pos][:, None]
 
 
 def sdpa_unmasked(q, k, v, scale):
