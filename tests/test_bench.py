@@ -51,6 +51,7 @@ def test_generate_quick_runs(tiny_model_dir):
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "| variant |" in proc.stdout  # the markdown table
     result = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert result["allocator"] == ("keep" if sys.platform.startswith("linux") else "default")
     variants = {v["variant"]: v for v in result["variants"]}
     assert set(variants) == {"dense", "skip25/all", "skip40/all", "skip25/routed", "skip40/routed"}
     for name, v in variants.items():
