@@ -21,10 +21,47 @@ def run_cli(main):
         try:
             return main(*args, **kwargs)
         except SkipGPTError as err:
-            print(f"error: {err}", file=sys.stderr, flush=True)
+            print_error_once(f"error: {err}")
             sys.exit(2)
 
     return wrapper
+
+
+def print_error_once(line: str) -> None:
+    """Write one error line to stderr; under a multi-process launch, once per node for each distinct line.
+
+    Every rank of a torchrun / deepspeed / srun launch usually fails the same check with the same message: the
+    first rank of the node to report a line prints it and the others skip it (a rank failing for its own reason
+    still prints its own line). The ranks of a node share their launcher process, so a marker file named by the
+    parent pid and the line decides; markers older than 10 minutes are stale (a reused pid). The line goes out in
+    one write, so concurrent ranks never splice their lines together.
+    """
+    import hashlib
+    import os
+    import tempfile
+    import time
+
+    data = (line.rstrip("\n") + "\n").encode("utf-8", "replace")
+    if int(os.environ.get("LOCAL_WORLD_SIZE", os.environ.get("WORLD_SIZE", "1")) or 1) > 1:
+        key = hashlib.sha1(f"{os.getppid()}|{line}".encode("utf-8", "replace")).hexdigest()[:20]
+        marker = os.path.join(tempfile.gettempdir(), f"skipgpt-error-{key}")
+        try:
+            os.close(os.open(marker, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600))
+        except FileExistsError:
+            try:
+                if time.time() - os.path.getmtime(marker) < 600:
+                    return  # another rank of this launch printed the same line
+                os.utime(marker)
+            except OSError:
+                pass
+        except OSError:
+            pass  # no writable temp dir: print on every rank rather than lose the line
+    sys.stderr.flush()
+    try:
+        os.write(sys.stderr.fileno(), data)
+    except (AttributeError, OSError, ValueError):  # stderr replaced by an object without a file descriptor
+        sys.stderr.write(data.decode("utf-8"))
+        sys.stderr.flush()
 
 
 def read_user_file(path, missing: str, unreadable: str) -> str:

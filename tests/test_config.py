@@ -162,3 +162,24 @@ def test_save_load_round_trip(tmp_path):
     assert again == cfg
     assert config_to_dict(again) == config_to_dict(cfg)
     assert isinstance(config_to_dict(cfg)["optim"]["betas"], list)
+
+
+def test_error_lines_are_printed_once_per_launch_and_message(tmp_path):
+    """print_error_once in three children of this one parent (as the ranks of a node share their launcher): two
+    share a message and it prints once; the third has its own and prints it. A lone process always prints."""
+    import os
+    import subprocess
+    import sys
+
+    root = str(Path(__file__).resolve().parents[1])
+    script = f"import sys; sys.path.insert(0, {root!r}); from skipgpt_dist.errors import print_error_once; " \
+             "print_error_once(sys.argv[1])"
+    base = {k: v for k, v in os.environ.items() if k not in ("WORLD_SIZE", "LOCAL_WORLD_SIZE")}
+
+    def stderr_of(message, **env):
+        return subprocess.run([sys.executable, "-c", script, message], capture_output=True, text=True,
+                              env={**base, "TMPDIR": str(tmp_path), **env}).stderr
+
+    ranks = [stderr_of(m, LOCAL_WORLD_SIZE="3") for m in ("error: same", "error: same", "error: rank-specific")]
+    assert ranks == ["error: same\n", "", "error: rank-specific\n"]
+    assert stderr_of("error: same") == "error: same\n"

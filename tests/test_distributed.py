@@ -222,6 +222,15 @@ def test_deepspeed_launcher_with_fsdp2_is_an_error(dist_root, common):
     assert not (dist_root / "ds_launch_fsdp2").exists()
 
 
+def test_a_mistake_every_rank_makes_is_reported_once_per_node(dist_root, common):
+    # Both ranks fail the same config check: one line, not two (and never two spliced into one).
+    run = train(dist_root / "bad_key_2ranks", common + ["optim.lrr=1"], launcher="torchrun", nproc=2)
+    assert run.returncode != 0
+    assert run.output.count("error: ") == 1, run.output[-3000:]
+    (line,) = run.error_lines()
+    assert "unknown config key optim.lrr (did you mean optim.lr?)" in line
+
+
 def test_missing_ds_config_is_a_one_line_error(dist_root, common):
     run = train(dist_root / "no_ds", common, ds_config=dist_root / "nope.json", launcher="python", nproc=1)
     assert run.returncode == 2
