@@ -153,6 +153,28 @@ def test_stage1_distillation_trains_the_routers(tiny_model_dir, text_files, tmp_
     assert load_config(str(result.checkpoint / "config.yaml")).stage.objective == "distill"
 
 
+@pytest.mark.parametrize("objective, expected", [("lm", 1), ("distill", 2)])
+def test_loss_keeps_only_its_own_vocab_wide_tensors_for_backward(objective, expected, tiny_model_dir, text_files,
+                                                                  tmp_path):
+    """fp32 (tokens x vocab) tensors saved for backward per micro-batch: cross entropy's log-probabilities, or under
+    distillation the model's and the teacher's for the KL, and nothing for the LM loss it only reports."""
+    from transformers import AutoConfig
+
+    vocab = AutoConfig.from_pretrained(tiny_model_dir).vocab_size
+    saved = {}  # storage -> shape (a tensor two ops save counts once)
+
+    def pack(t):
+        if t.dtype == torch.float32 and tuple(t.shape) == (2 * 31, vocab):  # micro-batch 2, 31 scored positions
+            saved[t.untyped_storage().data_ptr()] = tuple(t.shape)
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        run_tiny(tiny_model_dir, text_files, tmp_path / objective, f"stage.objective={objective}",
+                 "optim.max_steps=1", "optim.micro_batch_size=2", "optim.grad_accum_steps=1", "data.seq_len=32",
+                 "data.eval_sequences=1")
+    assert len(saved) == expected, saved
+
+
 @pytest.mark.parametrize("stage", [1, 2])
 def test_resume_gives_the_trajectory_of_a_run_never_stopped(stage, stage1_run, tiny_model_dir, text_files,
                                                             tmp_path):
