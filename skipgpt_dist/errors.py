@@ -42,7 +42,7 @@ def print_error_once(line: str) -> None:
     import time
 
     data = (line.rstrip("\n") + "\n").encode("utf-8", "replace")
-    if int(os.environ.get("LOCAL_WORLD_SIZE", os.environ.get("WORLD_SIZE", "1")) or 1) > 1:
+    if _ranks_on_this_node() > 1:
         key = hashlib.sha1(f"{os.getppid()}|{line}".encode("utf-8", "replace")).hexdigest()[:20]
         marker = os.path.join(tempfile.gettempdir(), f"skipgpt-error-{key}")
         try:
@@ -62,6 +62,16 @@ def print_error_once(line: str) -> None:
     except (AttributeError, OSError, ValueError):  # stderr replaced by an object without a file descriptor
         sys.stderr.write(data.decode("utf-8"))
         sys.stderr.flush()
+
+
+def _ranks_on_this_node() -> int:
+    import os
+
+    try:  # torchrun sets LOCAL_WORLD_SIZE, the deepspeed launcher LOCAL_SIZE; WORLD_SIZE bounds it otherwise
+        return int(os.environ.get("LOCAL_WORLD_SIZE") or os.environ.get("LOCAL_SIZE") or os.environ.get("WORLD_SIZE")
+                   or 1)
+    except ValueError:
+        return 1
 
 
 def read_user_file(path, missing: str, unreadable: str) -> str:
