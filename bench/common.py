@@ -51,6 +51,21 @@ def keep_freed_memory() -> bool:
                 and libc.mallopt(m_top_pad, 256 << 20))
 
 
+def add_allocator_option(parser) -> None:
+    parser.add_argument("--allocator", choices=("keep", "default"), default="keep",
+                        help="keep (default): glibc keeps freed memory, so no timed call pays first-touch page faults "
+                             "that depend on the heap's state (see bench.common.keep_freed_memory); default: as is")
+
+
+def apply_allocator(choice: str) -> str:
+    """Apply --allocator; returns what the run used ("keep" or "default") and prints it."""
+    used = "keep" if choice == "keep" and keep_freed_memory() else "default"
+    print("allocator: " + ("glibc keeps freed memory (no heap-state-dependent page faults in timed calls)"
+                           if used == "keep" else "as is (timed calls may pay first-touch page faults, depending on "
+                                                  "the heap's state)"))
+    return used
+
+
 def minor_faults() -> int:
     """Minor page faults of this process so far (0 where getrusage is unavailable)."""
     try:

@@ -29,8 +29,8 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from bench.common import (decode_flop_parts, flop_parts, ideal_ratio, keep_freed_memory, loadavg,  # noqa: E402
-                          median, round_robin, router_linear_input, shape_of)
+from bench.common import (add_allocator_option, apply_allocator, decode_flop_parts, flop_parts,  # noqa: E402
+                          ideal_ratio, loadavg, median, round_robin, router_linear_input, shape_of)
 from skipgpt_dist import RouterConfig, attach_routers, load_routers, routing_context, routing_stats  # noqa: E402
 from skipgpt_dist.assets import resolve_model_path, shakespeare_files  # noqa: E402
 
@@ -317,9 +317,7 @@ def parse_args(argv=None):
     p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--quick", action="store_true", help="builtin:tiny, 64+8 tokens, 2 repeats (explicit flags win)")
-    p.add_argument("--allocator", choices=("keep", "default"), default="keep",
-                   help="keep: glibc keeps freed memory, so prefill's logits buffers do not pay first-touch page "
-                        "faults that depend on the heap's state (see bench.common.keep_freed_memory); default: as is")
+    add_allocator_option(p)
     p.add_argument("--json", action="store_true", help="also print the results as one JSON line")
     args = p.parse_args(argv)
     defaults = dict(model="builtin:tiny", prompt_tokens=64, new_tokens=8, repeats=2) if args.quick else \
@@ -335,7 +333,7 @@ def parse_args(argv=None):
 def main(argv=None) -> dict:
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
-    kept = keep_freed_memory() if args.allocator == "keep" else False
+    allocator = apply_allocator(args.allocator)  # before any model memory: the heap it grows stays
     dense, routed, tokenizer = load_models(args.model, getattr(torch, args.dtype), routed_config(args))
     shape = shape_of(dense.config)
     ids = eval_token_ids(tokenizer, args.prompt_tokens, play=0)
@@ -350,8 +348,6 @@ def main(argv=None) -> dict:
     print("routers: " + (f"trained, from {routers_file(args.routers)}" if args.routers else
                          "random directions, biases calibrated per layer on another eval play to the requested "
                          "sparsity (decisions real in number, not in quality)"))
-    print("allocator: " + ("glibc keeps freed memory (no heap-state-dependent page faults in timed calls)" if kept
-                           else "as is"))
     print("routed: mode=capacity, dynamic inference slots (no padding slots; a sublayer no token executes is not run)")
     for v in variants:  # warm-up that also records executed fractions and KV bytes
         bench.record_stats(v)
@@ -374,7 +370,7 @@ def main(argv=None) -> dict:
     record = {"bench": "generate", "model": args.model, "dtype": args.dtype, "threads": args.threads,
               "prompt_tokens": args.prompt_tokens, "new_tokens": args.new_tokens, "repeats": args.repeats,
               "routers": args.routers or "calibrated-random", "torch": torch.__version__,
-              "allocator": "keep" if kept else "default", "variants": rows}
+              "allocator": allocator, "variants": rows}
     if args.json:
         print(json.dumps(record))
     return record

@@ -31,8 +31,8 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from bench.common import (Shape, flop_parts, flop_shares, ideal_ratio, keep_freed_memory, loadavg, median,  # noqa: E402
-                          minor_faults, round_robin, router_linear_input, time_call)
+from bench.common import (Shape, add_allocator_option, apply_allocator, flop_parts, flop_shares,  # noqa: E402
+                          ideal_ratio, loadavg, median, minor_faults, round_robin, router_linear_input, time_call)
 from skipgpt_dist import RouterConfig, attach_routers, routing_context, routing_stats  # noqa: E402
 
 SMOLLM2_135M = dict(hidden_size=576, intermediate_size=1536, num_attention_heads=9, num_key_value_heads=3,
@@ -266,9 +266,7 @@ def parse_args(argv=None):
     p.add_argument("--layers", type=int, help="default 30 (--quick: 4)")
     p.add_argument("--kv-policy", choices=("all", "routed", "both"), default="all")
     p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--allocator", choices=("keep", "default"), default="keep",
-                   help="keep (default): glibc keeps freed memory, so no timed forward pays first-touch page faults "
-                        "that depend on the heap's state (see bench.common.keep_freed_memory); default: as is")
+    add_allocator_option(p)
     p.add_argument("--quick", action="store_true", help="smoke run: 4 layers, seq 256, 2 repeats (explicit flags win)")
     args = p.parse_args(argv)
     defaults = dict(layers=4, seq_len=256, repeats=2) if args.quick else dict(layers=30, seq_len=1024, repeats=5)
@@ -281,7 +279,7 @@ def parse_args(argv=None):
 def main(argv=None) -> dict:
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
-    kept = keep_freed_memory() if args.allocator == "keep" else False
+    allocator = apply_allocator(args.allocator)  # before any model memory: the heap it grows stays
     kv_policies = ["all", "routed"] if args.kv_policy == "both" else [args.kv_policy]
     dense, routed, shape = build_models(args.layers, args.seq_len)
     ids = torch.randint(0, shape.vocab, (args.batch, args.seq_len), generator=torch.Generator().manual_seed(0))
@@ -297,8 +295,6 @@ def main(argv=None) -> dict:
     print(f"load average at start: {loadavg()} (other processes skew timings; medians and round-robin limit it)")
     print(f"SmolLM2-135M shape, {args.layers} layers, batch {args.batch}, seq {args.seq_len}, fp32, "
           f"{args.threads} threads, {args.repeats} repeats (round-robin), torch {torch.__version__}")
-    print("allocator: " + ("glibc keeps freed memory (no heap-state-dependent page faults in timed calls)" if kept
-                           else "as is (timed calls may pay first-touch page faults, depending on the heap's state)"))
     print("FLOP shares at this shape/seq: " + ", ".join(f"{k} {100 * v:.1f}%" for k, v in flop_shares(parts).items()))
     print("Ideal forward ratios for 30 layers, seq 1024 (facts.md: all 0.807 / 0.692): " +
           ", ".join(f"{k} {v:.3f}" for k, v in sanity.items()))
@@ -329,7 +325,7 @@ def main(argv=None) -> dict:
           ">= 1.0 (it runs every sublayer); it can go below where its blocked SDPA beats dense's is_causal SDPA")
     record = {"bench": "routed_forward", "layers": args.layers, "seq_len": args.seq_len, "batch": args.batch,
               "repeats": args.repeats, "threads": args.threads, "torch": torch.__version__,
-              "allocator": "keep" if kept else "default",
+              "allocator": allocator,
               "loadavg_end": loadavg(), "flop_shares": flop_shares(parts), "sanity_ideal_30L_1024": sanity, "variants": rows}
     print(json.dumps(record))
     return record

@@ -2,7 +2,11 @@
 from __future__ import annotations
 
 import functools
+import hashlib
+import os
 import sys
+import tempfile
+import time
 
 
 class SkipGPTError(Exception):
@@ -36,11 +40,6 @@ def print_error_once(line: str) -> None:
     parent pid and the line decides; markers older than 10 minutes are stale (a reused pid). The line goes out in
     one write, so concurrent ranks never splice their lines together.
     """
-    import hashlib
-    import os
-    import tempfile
-    import time
-
     data = (line.rstrip("\n") + "\n").encode("utf-8", "replace")
     if _ranks_on_this_node() > 1:
         key = hashlib.sha1(f"{os.getppid()}|{line}".encode("utf-8", "replace")).hexdigest()[:20]
@@ -65,8 +64,6 @@ def print_error_once(line: str) -> None:
 
 
 def _ranks_on_this_node() -> int:
-    import os
-
     try:  # torchrun sets LOCAL_WORLD_SIZE, the deepspeed launcher LOCAL_SIZE; WORLD_SIZE bounds it otherwise
         return int(os.environ.get("LOCAL_WORLD_SIZE") or os.environ.get("LOCAL_SIZE") or os.environ.get("WORLD_SIZE")
                    or 1)

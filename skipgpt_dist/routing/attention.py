@@ -85,8 +85,8 @@ def sdpa_prefix_attention(q, k, v, q_pos, window, scale):
     """
     rows = q.shape[2]
     if not _trim_keys(q):  # one call over every key (no host sync; GPU, torch.compile, short sequences)
-        key_pos = torch.arange(k.shape[2], device=q.device)
-        return _sdpa_one_call(q, k, v, _prefix_mask(q_pos, key_pos, window), scale)
+        keys = k.shape[2]
+        return _sdpa_one_call(q, k, v, _PrefixMaskRows(keys, window, q.dtype, q.device)(q_pos, 0, keys), scale)
     starts = list(range(0, rows, SDPA_QUERY_BLOCK))
     ends = [min(s + SDPA_QUERY_BLOCK, rows) for s in starts]
     # one host read for every block's range: the last query of a block has the block's highest position
@@ -114,15 +114,6 @@ def _sdpa_in_blocks(q, k, v, spans, block_mask, scale):
     # Joined in (B, Q, H, D) memory, as CPU SDPA lays out its own output: the caller's
     # transpose(1, 2).reshape(B, Q, H * D) is then a view, not one more copy of every row.
     return torch.cat(outs, dim=1).transpose(1, 2)
-
-
-def _prefix_mask(q_pos: torch.Tensor, key_pos: torch.Tensor, window: Optional[int]) -> torch.Tensor:
-    """(B, 1, Q, K) bool: key position j (key_pos, (K,)) is allowed for the query at p iff j <= p (and inside
-    the window)."""
-    allowed = key_pos <= q_pos[:, :, None]
-    if window is not None:
-        allowed &= (q_pos[:, :, None] - key_pos) < window
-    return allowed[:, None]
 
 
 class _PrefixMaskRows:

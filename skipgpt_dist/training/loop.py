@@ -1,7 +1,6 @@
 """The one training loop, for both stages and every back end."""
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import random
@@ -93,7 +92,7 @@ def train_step(engine, model, micro_batches, cfg, step: int, routers_train: bool
         logits = engine.model(input_ids=ids, attention_mask=mask, use_cache=False).logits
         # Under distillation the LM loss is only reported: without a graph its fp32 log-probabilities (tokens x
         # vocab, the largest tensor of the step at a 128k vocabulary) are not held through backward.
-        with torch.no_grad() if distill else contextlib.nullcontext():
+        with torch.set_grad_enabled(not distill):
             lm = lm_loss(logits, ids, mask)
         objective = distill_loss(logits, teacher, mask) if distill else lm
         loss, sparsity_value = objective, torch.zeros(())
