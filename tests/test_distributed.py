@@ -27,7 +27,12 @@ ATOL = 1e-4
 STEPS = 4
 PER_RANK = ["optim.micro_batch_size=2"]
 ONE_PROCESS = ["optim.micro_batch_size=4"]
-STAGE2 = ["stage.stage=2", "stage.lora.r=4", "stage.lora.dropout=0", "optim.lr=1e-2"]
+# LoRA scale alpha / r = 2 and lr 2e-3, as the shipped stage-2 recipe (configs/smollm2_stage2.yaml: 32 / 16, 2e-3).
+# The earlier 32 / 4 at lr 1e-2 moved LoRA by 8x lr per step: a chaotic 4-step run in which Adam's per-element
+# normalisation grew last-bit differences (ranks run micro-batches of 2 rows, one process 4; gradients summed in
+# another order) from ~1e-7 to 1.1e-5 in one lora_A element, on any transformers release (5.24 and 5.25 alike).
+# Here the same comparison differs by 2e-7.
+STAGE2 = ["stage.stage=2", "stage.lora.r=4", "stage.lora.alpha=8", "stage.lora.dropout=0", "optim.lr=2e-3"]
 
 
 # ---------------------------------------------------------------- fixtures: data, references, stage-1 checkpoint
@@ -190,7 +195,7 @@ def test_stage2_distillation_with_trainable_routers_matches_one_process(backend,
     assert_same_trajectory(run, ref_distill)
     # step 1: nothing skips yet and LoRA starts at zero, so the student is the teacher (KL 0); then they part
     kd = run.trajectory("distill_loss")
-    assert kd[0] == pytest.approx(0.0, abs=1e-6) and kd[-1] > 1e-3, kd
+    assert kd[0] == pytest.approx(0.0, abs=1e-6) and max(kd[1:]) > 1e-4, kd  # (fp32 noise: ~1e-7)
     for name in ("adapter/adapter_model.safetensors", "routers.safetensors"):
         assert_same_tensors(final_tensors(run, name), final_tensors(ref_distill, name))
 
