@@ -22,6 +22,10 @@ from .layer import LayerRouting, RoutedLayerMixin
 from .routers import Router
 
 ROUTER_NAMES = ("skipgpt_attn_router", "skipgpt_mlp_router")
+# Routers (and so their optimiser state) are fp32 whatever the base dtype: bf16 cannot hold a small update
+# (bf16(1.0) + 2e-3 == 1.0). Their compute may still run in bf16 (FSDP2's param_dtype, DeepSpeed's bf16 module
+# copy); their logits are upcast to fp32 for the gate decisions.
+ROUTER_DTYPE = torch.float32
 _ROUTED_CLASSES: dict[type, type] = {}
 
 
@@ -72,7 +76,7 @@ def attach_routers(model: nn.Module, cfg: Optional[RouterConfig] = None) -> nn.M
         for name in ROUTER_NAMES:
             router = Router(config.hidden_size, cfg.router_type, init_bias=float(cfg.init_margin),
                             normalize_input=cfg.normalize_input)
-            setattr(layer, name, router.to(device=reference.device, dtype=_router_dtype(reference)))
+            setattr(layer, name, router.to(device=reference.device, dtype=ROUTER_DTYPE))
         scale = getattr(getattr(layer, adapter.attn), "scaling", shape.head_dim ** -0.5)
         layer._skipgpt = LayerRouting(idx, adapter, shape, adapter.sliding_window(layer, config), scale, ctx)
         layer.__class__ = _routed_class(type(layer))
@@ -80,10 +84,6 @@ def attach_routers(model: nn.Module, cfg: Optional[RouterConfig] = None) -> nn.M
     base.register_forward_pre_hook(capture_attention_mask(ctx), with_kwargs=True)
     model._skipgpt_ctx = ctx
     return model
-
-
-def _router_dtype(reference: torch.Tensor) -> torch.dtype:
-    return reference.dtype if reference.dtype.is_floating_point and reference.numel() > 0 else torch.float32
 
 
 def _inner_model(model: nn.Module, adapter) -> nn.Module:
@@ -153,6 +153,22 @@ def routing_stats(model: nn.Module) -> dict:
     attn = totals["attn"][0] / max(totals["attn"][1], 1.0)
     mlp = totals["mlp"][0] / max(totals["mlp"][1], 1.0)
     return {"layers": layers, "attn_execute": attn, "mlp_execute": mlp, "sparsity": 1.0 - (attn + mlp) / 2}
+
+
+def routing_stats_tensor(model: nn.Module) -> torch.Tensor:
+    """routing_stats' execute fractions as one float64 tensor on the statistics' device, read without a host sync
+    (the training loop accumulates it over micro-batches and transfers once per step):
+    [attn_execute, mlp_execute, layer 0 attn execute, layer 0 mlp execute, layer 1 attn execute, ...]."""
+    ctx = routing_context(model)
+    if not ctx.stats:  # as routing_stats: no layer recorded anything, so no fraction executed
+        return torch.zeros(2, dtype=torch.float64)
+    entries = [ctx.stats[idx] for idx in sorted(ctx.stats)]
+    executed = torch.stack([torch.stack([torch.as_tensor(e[k]["executed"]) for k in ("attn", "mlp")])
+                            for e in entries]).double()
+    tokens = torch.stack([torch.stack([torch.as_tensor(e[k]["valid"]) for k in ("attn", "mlp")])
+                          for e in entries]).double()
+    totals = executed.sum(dim=0) / tokens.sum(dim=0).clamp_min(1.0)
+    return torch.cat([totals, (executed / tokens.clamp_min(1.0)).flatten()])
 
 
 def sparsity_loss(model: nn.Module, cfg: Optional[RouterConfig] = None) -> torch.Tensor:

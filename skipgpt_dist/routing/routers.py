@@ -70,8 +70,9 @@ class Router(nn.Module):
         """Logits (..., 2). scale: input_scale(h) when the caller already has it (both routers of a layer
         read the same h by default; each small op counts at token-by-token decode)."""
         first = self._first
-        # Routers are tiny; they run in their weights' dtype and the gate logic upcasts to fp32. (Plain attribute
-        # reads, not self.parameters(): this runs twice per layer at every decode step.)
+        # Routers run in their weights' dtype: fp32 (attach_routers), or bf16 where a mixed-precision engine casts
+        # the weights for compute; the gate logic upcasts logits to fp32. (Plain attribute reads, not
+        # self.parameters(): this runs twice per layer at every decode step.)
         if h.dtype != first.weight.dtype:
             h = h.to(first.weight.dtype)
         if scale is None:
@@ -87,11 +88,11 @@ class Router(nn.Module):
         """
         if not self.normalize_input:
             return None
-        if h.dtype != self._first.weight.dtype:
-            h = h.to(self._first.weight.dtype)
-        norm = torch.linalg.vector_norm(h, dim=-1, keepdim=True)
+        # The norm accumulates in the router's dtype (fp32) without writing a cast copy of h (bf16 under a bf16
+        # base): the reduction upcasts as it reads.
+        norm = torch.linalg.vector_norm(h, dim=-1, keepdim=True, dtype=self._first.weight.dtype)
         # rsqrt(eps + norm^2 / d): three ops in all (each small op counts at token-by-token decode)
-        return torch.rsqrt(torch.addcmul(self._eps(h), norm, norm, value=1.0 / h.shape[-1]))
+        return torch.rsqrt(torch.addcmul(self._eps(norm), norm, norm, value=1.0 / h.shape[-1]))
 
     def _eps(self, like: torch.Tensor) -> torch.Tensor:
         """RMS_EPS as a 0-d tensor on like's device and dtype, made once (a constant, not a buffer or state)."""

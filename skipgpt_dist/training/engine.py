@@ -51,13 +51,22 @@ def build_scheduler(optimizer, optim_cfg) -> torch.optim.lr_scheduler.LambdaLR:
         step, optim_cfg.warmup_steps, optim_cfg.max_steps, optim_cfg.schedule, optim_cfg.min_lr_ratio))
 
 
+def to_local_device(model: torch.nn.Module) -> torch.nn.Module:
+    """The model on this process's GPU when there is one (the loop moves each batch to the model's device); on a
+    CPU-only machine the model is left exactly as built. Before the optimiser exists, so its state follows."""
+    from .distributed import local_device
+
+    device = local_device()
+    return model if device.type == "cpu" else model.to(device)
+
+
 class LocalEngine(Engine):
     """One process, plain PyTorch."""
 
     name = "none"
 
     def __init__(self, model: torch.nn.Module, cfg):
-        self.model = model
+        self.model = to_local_device(model)
         self.cfg = cfg
         self.params = {name: p for name, p in model.named_parameters() if p.requires_grad}
         if not self.params:

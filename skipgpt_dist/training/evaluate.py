@@ -5,7 +5,8 @@ import math
 
 import torch
 
-from ..routing import inference_slots, routing_disabled, routing_stats
+from ..routing import inference_slots, routing_disabled
+from ..routing.api import routing_stats_tensor
 from . import distributed as D
 from .losses import lm_loss
 
@@ -21,21 +22,22 @@ def _nll(model, sequences: torch.Tensor, micro_batch_size: int) -> torch.Tensor:
     share = sequences[rank::world]
     per_rank = math.ceil(len(sequences) / world)
     device = next(p for p in model.parameters()).device
-    totals = torch.zeros(5, dtype=torch.float64)
+    # Summed on the device (no host sync per micro-batch); the caller transfers once, after the all-reduce.
+    totals = torch.zeros(5, dtype=torch.float64, device=device)
     for start in range(0, per_rank, micro_batch_size):
         rows = list(range(start, min(start + micro_batch_size, per_rank)))
-        real = torch.tensor([r < len(share) for r in rows])
+        real = torch.tensor([r < len(share) for r in rows], device=device)
         pool = share if len(share) else sequences[:1]  # more ranks than sequences: this rank runs duplicates only
         ids = pool[[min(r, len(pool) - 1) for r in rows]].to(device)
         mask = torch.ones_like(ids)
         logits = model(input_ids=ids, attention_mask=mask).logits
         nll = torch.nn.functional.cross_entropy(logits[:, :-1].float().transpose(1, 2), ids[:, 1:],
-                                                reduction="none").sum(dim=1).cpu()
-        tokens = (ids.shape[1] - 1) * real.sum()
-        stats = routing_stats(model)
-        seen = real.sum().item() * ids.shape[1]
-        totals += torch.tensor([float((nll * real).sum()), float(tokens), stats["attn_execute"] * seen,
-                                stats["mlp_execute"] * seen, seen], dtype=torch.float64)
+                                                reduction="none").sum(dim=1)
+        count = real.sum().double()
+        seen = count * ids.shape[1]
+        execute = routing_stats_tensor(model)[:2].to(device)
+        totals += torch.stack([(nll * real).sum().double(), count * (ids.shape[1] - 1), execute[0] * seen,
+                               execute[1] * seen, seen])
     return D.all_reduce_sum(totals)
 
 
@@ -52,7 +54,8 @@ def evaluate(model, sequences: torch.Tensor, micro_batch_size: int) -> dict:
             dense = _nll(model, sequences, micro_batch_size)
     finally:
         model.train(was_training)
-    attn = 1.0 - float(routed[2] / routed[4])
-    mlp = 1.0 - float(routed[3] / routed[4])
-    return {"ppl_routed": math.exp(float(routed[0] / routed[1])), "ppl_dense": math.exp(float(dense[0] / dense[1])),
+    routed, dense = routed.tolist(), dense.tolist()
+    attn = 1.0 - routed[2] / routed[4]
+    mlp = 1.0 - routed[3] / routed[4]
+    return {"ppl_routed": math.exp(routed[0] / routed[1]), "ppl_dense": math.exp(dense[0] / dense[1]),
             "attn_sparsity": attn, "mlp_sparsity": mlp, "sparsity": (attn + mlp) / 2, "sequences": len(sequences)}

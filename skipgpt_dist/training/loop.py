@@ -16,7 +16,8 @@ from ..checkpoint import CheckpointManager, step_dir_name
 from ..config import save_config
 from ..data import PackedBatches, eval_sequences, pack_files
 from ..errors import SkipGPTError
-from ..routing import routing_context, routing_stats, set_temperature
+from ..routing import routing_context, set_temperature
+from ..routing.api import routing_stats_tensor
 from . import distributed as D
 from .artifacts import export_artifacts
 from .backends import base_loader, make_engine, setup_distributed
@@ -50,7 +51,7 @@ class StopSignal:
         self.requested = True
 
     def agreed(self) -> bool:
-        return bool(D.all_reduce_sum(torch.tensor([float(self.requested)])).item() > 0)
+        return D.any_rank(self.requested)
 
 
 def seed_everything(seed: int) -> None:
@@ -80,11 +81,13 @@ def build_data(cfg, tokenizer):
 def train_step(engine, model, micro_batches, cfg, step: int, routers_train: bool) -> dict:
     ctx = routing_context(model)
     ctx.noise_seed, ctx.noise_step = cfg.seed, step
-    sums = torch.zeros(5, dtype=torch.float64)
-    layers, distill = None, cfg.stage.objective == "distill"
+    device = next(p for p in engine.model.parameters()).device
+    # Per micro-batch figures stay on the device (no host sync per micro-batch); one transfer per step, after the
+    # all-reduce: [lm, sparsity, objective, attn_execute, mlp_execute, per-layer (attn, mlp) execute...].
+    sums = None
+    distill = cfg.stage.objective == "distill"
     for batch in micro_batches:
         ctx.sample_ids = batch["sample_ids"]
-        device = next(p for p in engine.model.parameters()).device
         ids, mask = batch["input_ids"].to(device), batch["attention_mask"].to(device)
         if distill:
             with dense_teacher(model):
@@ -95,24 +98,27 @@ def train_step(engine, model, micro_batches, cfg, step: int, routers_train: bool
         with torch.set_grad_enabled(not distill):
             lm = lm_loss(logits, ids, mask)
         objective = distill_loss(logits, teacher, mask) if distill else lm
-        loss, sparsity_value = objective, torch.zeros(())
+        loss, sparsity_value = objective, torch.zeros((), device=lm.device)
         if routers_train:
             surrogate, sparsity_value = global_sparsity_loss(model)
             loss = objective + surrogate
         engine.backward(loss)
-        stats = routing_stats(model)
-        sums += torch.tensor([lm.item(), sparsity_value.item(), stats["attn_execute"], stats["mlp_execute"],
-                              objective.item()], dtype=torch.float64)
-        per_layer = torch.tensor([[1 - l["attn"]["execute"], 1 - l["mlp"]["execute"]] for l in stats["layers"]])
-        layers = per_layer if layers is None else layers + per_layer
-    n = len(micro_batches)
+        losses = torch.stack([lm.detach(), sparsity_value.detach().to(lm.device), objective.detach()]).double()
+        row = torch.cat([losses, routing_stats_tensor(model).to(lm.device)])
+        sums = row if sums is None else sums + row
     # Ranks hold equal token counts, so the global figures are plain means over ranks.
-    reduced = D.all_reduce_sum(torch.cat([sums / n, (layers / n).flatten().double()])) / D.world_size()
+    reduced = D.all_reduce_sum(sums / len(micro_batches)) / D.world_size()
     info = engine.step()
-    lm_value, sparsity_value, objective_value = float(reduced[0]), float(reduced[1]), float(reduced[4])
+    return step_metrics(reduced.tolist(), info, distill)  # the step's one device-to-host transfer of metrics
+
+
+def step_metrics(reduced: list[float], info: dict, distill: bool) -> dict:
+    """The step's report from train_step's reduced row (see there for its layout)."""
+    lm_value, sparsity_value, objective_value, attn, mlp = reduced[:5]
+    skipped = [1.0 - v for v in reduced[5:]]
     out = {"loss": objective_value + sparsity_value, "lm_loss": lm_value, "sparsity_loss": sparsity_value,
-           "attn_sparsity": 1 - float(reduced[2]), "mlp_sparsity": 1 - float(reduced[3]),
-           "layers": reduced[5:].view(-1, 2).tolist(), **info}
+           "attn_sparsity": 1 - attn, "mlp_sparsity": 1 - mlp,
+           "layers": [skipped[i:i + 2] for i in range(0, len(skipped), 2)], **info}
     if distill:
         out["distill_loss"] = objective_value
     return out
