@@ -210,6 +210,17 @@ class ParallelConfig(_Section):
     activation_checkpointing: bool = False
     # `bf16`: compute in bfloat16 with fp32 master weights.
     mixed_precision: str = _choice("none", ("none", "bf16"))
+    # torch.compile each routed decoder block (training/compile.py): training and static-slot inference.
+    # backend none or fsdp2 (ZeRO-3 gathers parameters in per-module hooks, inside the compiled region).
+    compile: bool = False
+
+    def validate(self):
+        super().validate()
+        if self.compile and self.backend == "deepspeed":
+            raise SkipGPTError("parallel.compile=true is not supported with parallel.backend=deepspeed (ZeRO-3 "
+                               "gathers parameters in hooks inside the compiled blocks): use parallel.backend=fsdp2 "
+                               "or parallel.compile=false")
+        return self
 
 
 @dataclass

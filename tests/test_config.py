@@ -183,3 +183,10 @@ def test_error_lines_are_printed_once_per_launch_and_message(tmp_path):
     ranks = [stderr_of(m, LOCAL_WORLD_SIZE="3") for m in ("error: same", "error: same", "error: rank-specific")]
     assert ranks == ["error: same\n", "", "error: rank-specific\n"]
     assert stderr_of("error: same") == "error: same\n"
+
+
+def test_compile_with_deepspeed_is_a_one_line_error():
+    with pytest.raises(SkipGPTError) as info:
+        load_config(None, ["parallel.backend=deepspeed", "parallel.compile=true"])
+    assert "\n" not in str(info.value) and "parallel.backend=fsdp2" in str(info.value)
+    assert load_config(None, ["parallel.backend=fsdp2", "parallel.compile=true"]).parallel.compile

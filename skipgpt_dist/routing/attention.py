@@ -3,24 +3,92 @@
 Every routed attention call reduces to: queries at positions q_pos attend keys at positions k_pos that are
 valid, not in the future, and (with a sliding window) not too far back. Back ends:
 - `sdpa`: PyTorch scaled_dot_product_attention with that boolean mask (CPU and GPU; exact for every case).
-- `flash`: flash-attn varlen, GPU only, only for compacted (kv_policy=routed) sequences whose keys are the
-  queries themselves plus an earlier cache: there causal bottom-right alignment is exactly "by position".
+- `flash`: flash-attn varlen, GPU only, fp16/bf16 only, only for compacted (kv_policy=routed) sequences whose
+  keys are the queries themselves plus an earlier cache, and only without a sliding window: there causal
+  bottom-right alignment is exactly "by position", but flash's window counts compacted KEY SLOTS, not positions.
   (flash-attn's own causal mask is WRONG for arbitrary gathered queries, hence kv_policy=all never uses it.)
-- `flex`: FlexAttention with a mask_mod on the position map (GPU; works eagerly on CPU for tests).
+- `flex`: FlexAttention whose mask_mod reads the position vectors (q_pos, k_pos, k_valid, window), so its block
+  mask skips future blocks; compiled once on GPU, eager on CPU (slow but exact, for tests).
+choose_backend holds every rule that picks one of them.
 """
 from __future__ import annotations
 
 import importlib.util
+import warnings
 from typing import Optional
 
 import torch
 import torch.nn.functional as F
+from torch.nn.attention.flex_attention import create_block_mask, flex_attention
 
 from ..errors import SkipGPTError
+
+HALF_DTYPES = (torch.float16, torch.bfloat16)
 
 
 def flash_attn_available() -> bool:
     return importlib.util.find_spec("flash_attn") is not None and torch.cuda.is_available()
+
+
+def flex_attention_available() -> bool:
+    return True  # torch>=2.6 (setup.py) always ships torch.nn.attention.flex_attention
+
+
+def choose_backend(requested: str, device_type: str, dtype: torch.dtype, compacted: bool, window: Optional[int],
+                   has_cache: bool, static_queries: bool, flash_available: bool, flex_available: bool) -> str:
+    """The attention back end of one routed attention call: "sdpa", "flash" or "flex". Pure logic.
+
+    requested: routers.attn_backend ("auto", "sdpa", "flash", "flex"). compacted: the keys are this call's query
+    slots plus an earlier cache (kv_policy=routed with slots). has_cache: a KV cache is in use (prefill/decode).
+    static_queries: the query count is a static one (S, or the k = ceil(capacity * S) slots), not a data-dependent
+    count (inference_slots=dynamic): a kernel compiled with dynamic=False then compiles once per batch shape.
+
+    - flash is exact only for compacted slots without a sliding window (its window counts key slots, not
+      positions), and flash-attn runs only on CUDA in fp16/bf16.
+    - auto: CPU -> sdpa (the CPU paths are unchanged). CUDA and fp32 -> sdpa. CUDA and fp16/bf16: flash where
+      exact and available (its varlen packing is shape-free, so also with a cache or dynamic slots); else, with
+      no cache and a static query count, flex where available (kv_policy=all always lands here); else sdpa.
+    - flash requested for a call it cannot serve exactly or at all: the auto choice without flash; a warning
+      (once per reason) when the reason is the config (fp32, a sliding window, no flash-attn here), none for calls
+      that simply are not compacted (mask mode, a sublayer every token executes), as before.
+    - sdpa and flex requested: used as asked (flex falls back to sdpa where torch lacks it).
+    """
+    if requested == "sdpa":
+        return "sdpa"
+    if requested == "flex":
+        return "flex" if flex_available else "sdpa"
+    half = dtype in HALF_DTYPES
+    cuda = device_type == "cuda"
+    flash_exact = compacted and window is None
+    if flash_exact and cuda and half and flash_available:
+        return "flash"
+    if requested == "flash":
+        reason = _flash_refusal(cuda, half, compacted, window, flash_available)
+        if reason is not None:
+            _warn_once(f"routers.attn_backend=flash: {reason}; using the exact back end auto picks instead")
+    if cuda and half and flex_available and static_queries and not has_cache:
+        return "flex"
+    return "sdpa"
+
+
+def _flash_refusal(cuda: bool, half: bool, compacted: bool, window: Optional[int], flash_available: bool):
+    if not (cuda and flash_available):
+        return "flash-attn cannot run here (it needs a CUDA device and the flash-attn package)"
+    if not half:
+        return "flash-attn takes fp16/bf16 inputs only, these are fp32"
+    if compacted and window is not None:
+        return ("a sliding window over compacted keys (kv_policy=routed) is not exact in flash-attn, whose "
+                "window counts key slots, not positions")
+    return None  # not compacted: flash never served these calls
+
+
+_WARNED: set[str] = set()
+
+
+def _warn_once(message: str) -> None:
+    if message not in _WARNED:
+        _WARNED.add(message)
+        warnings.warn(message, stacklevel=3)
 
 
 def check_backend(backend: str) -> None:
@@ -99,7 +167,7 @@ def sdpa_prefix_attention(q, k, v, q_pos, window, scale):
 
 
 def _sdpa_one_call(q, k, v, mask, scale):
-    k, v, native_gqa = _grouped_kv(q, k, v)
+    k, v, native_gqa = _grouped_kv(q, k, v, mask)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=native_gqa)
 
 
@@ -145,13 +213,30 @@ def sdpa_unmasked(q, k, v, scale):
     return F.scaled_dot_product_attention(q, k, v, scale=scale, enable_gqa=native_gqa)
 
 
-def _grouped_kv(q, k, v):
-    """(k, v, enable_gqa): CPU SDPA reads grouped KV heads natively; elsewhere K/V are repeated per query head
-    (not every GPU kernel takes enable_gqa, e.g. with an explicit mask)."""
+def _grouped_kv(q, k, v, mask=None):
+    """(k, v, enable_gqa): CPU SDPA reads grouped KV heads natively. On CUDA so does every fused kernel that
+    accepts this call with enable_gqa=True (flash without a mask; memory-efficient with a mask where this torch's
+    build supports GQA; cuDNN): asked of torch itself, per call. Otherwise K/V are repeated per query head, as
+    enable_gqa would fall back to the math kernel (the whole (Q, K) score matrix in memory)."""
     if k.shape[1] == q.shape[1] or q.device.type == "cpu":
         return k, v, k.shape[1] != q.shape[1]
+    if q.device.type == "cuda" and _fused_gqa_ok(q, k, v, mask):
+        return k, v, True
     repeat = q.shape[1] // k.shape[1]
     return k.repeat_interleave(repeat, dim=1), v.repeat_interleave(repeat, dim=1), False
+
+
+def _fused_gqa_ok(q, k, v, mask) -> bool:
+    """Would a fused CUDA SDPA kernel take this call with grouped KV heads (enable_gqa=True)? Host-side checks
+    only (shapes, dtypes, the GPU's capabilities, enabled kernels): no sync. Not asked under torch.compile."""
+    if torch.compiler.is_compiling():
+        return False
+    from torch.backends.cuda import (SDPAParams, can_use_cudnn_attention, can_use_efficient_attention,
+                                     can_use_flash_attention)
+
+    params = SDPAParams(q, k, v, mask, 0.0, False, True)
+    return (can_use_flash_attention(params) or can_use_efficient_attention(params)
+            or can_use_cudnn_attention(params))
 
 
 def _trim_keys(q: torch.Tensor) -> bool:
@@ -180,24 +265,72 @@ def _key_spans(mask: torch.Tensor, block: int) -> list[tuple[int, int, int, int]
     return [(s, min(s + block, rows), a, b) for s, a, b in zip(starts, lo, hi)]
 
 
-def flex_attention_call(q, k, v, q_pos, k_pos, k_valid, window, scale):
-    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
-
-    allowed = allowed_mask(q_pos, k_pos, k_valid, window)[:, 0]
-
-    def mask_mod(b, h, qi, ki):
-        return allowed[b, qi, ki]
-
-    block_mask = create_block_mask(mask_mod, q.shape[0], None, q.shape[2], k.shape[2], device=q.device)
-    return flex_attention(q, k, v, block_mask=block_mask, scale=scale, enable_gqa=k.shape[1] != q.shape[1])
+_COMPILED_FLEX = None
 
 
-def flash_varlen_attention(q, k, v, q_real, k_real, window, scale):
+def _flex_kernel(device_type: str):
+    """flex_attention compiled once per process (dynamic=False) for GPUs; eager on CPU (an unfused reference
+    implementation there: slow but exact, which is all the CPU tests need)."""
+    global _COMPILED_FLEX
+    if device_type == "cpu":
+        return flex_attention
+    if _COMPILED_FLEX is None:
+        _COMPILED_FLEX = torch.compile(flex_attention, dynamic=False)
+    return _COMPILED_FLEX
+
+
+def position_mask_mod(q_pos: torch.Tensor, k_pos: torch.Tensor, k_valid: torch.Tensor, window: Optional[int]):
+    """FlexAttention mask_mod of allowed_mask from the position vectors only: q_pos (B, Q), k_pos (B, K),
+    k_valid (B, K) bool, window an int or None. No (B, Q, K) tensor exists; block sparsity follows from the
+    positions (a query block skips every key block that lies after it, or before its window)."""
+
+    def mask_mod(b, h, q_idx, kv_idx):
+        qp, kp = q_pos[b, q_idx], k_pos[b, kv_idx]
+        allowed = k_valid[b, kv_idx] & (kp <= qp)
+        if window is not None:
+            allowed = allowed & (qp - kp < window)
+        return allowed
+
+    return mask_mod
+
+
+def position_block_mask(q_pos, k_pos, k_valid, window, cache: Optional[dict] = None):
+    """The BlockMask of position_mask_mod, built once per forward for each distinct (q_pos, k_pos, k_valid,
+    window): `cache` is the routing context's per-forward dict (cleared when the next forward starts). Layers
+    whose queries and keys are the same tensors share one mask (kv_policy=all with dense plans: mask mode, routing
+    off); layers with their own query slots build their own (their block sparsity depends on their positions).
+    Entries hold the tensors they were built from and hit only on those very objects (ids are reused once freed).
+    """
+    key = ("flex_block_mask", id(q_pos), id(k_pos), id(k_valid), window)
+    hit = None if cache is None else cache.get(key)
+    if hit is not None and hit[0] is q_pos and hit[1] is k_pos and hit[2] is k_valid:
+        return hit[3]
+    batch, rows = q_pos.shape
+    device = q_pos.device
+    # On GPU the mask creation is compiled too (eager create_block_mask evaluates mask_mod over all (B, Q, K)).
+    block_mask = create_block_mask(position_mask_mod(q_pos, k_pos, k_valid, window), batch, None, rows,
+                                   k_pos.shape[1], device=device, _compile=device.type == "cuda")
+    if cache is not None:
+        cache[key] = (q_pos, k_pos, k_valid, block_mask)
+    return block_mask
+
+
+def flex_attention_call(q, k, v, q_pos, k_pos, k_valid, window, scale, cache: Optional[dict] = None):
+    """q (B, H, Q, D); k, v (B, Hkv, K, D), grouped KV heads read natively. A query with no allowed key (padding,
+    discarded by the caller) gets a zero output."""
+    block_mask = position_block_mask(q_pos, k_pos, k_valid, window, cache)
+    return _flex_kernel(q.device.type)(q, k, v, block_mask=block_mask, scale=scale,
+                                       enable_gqa=k.shape[1] != q.shape[1])
+
+
+def flash_varlen_attention(q, k, v, q_real, k_real, scale):
     """Compacted causal attention: q (B, H, Q, D) slots in token order; k/v (B, Hkv, K, D) cache then the same
     slots. Only real entries (q_real, k_real) are packed.
 
     Rows are packed with cu_seqlens; causal=True aligns bottom-right, which is exact here because each row's
-    real queries are its last real keys, in the same order.
+    real queries are its last real keys, in the same order. No sliding window: flash-attn's window_size counts
+    packed KEY SLOTS, and compacted keys skip positions, so (window - 1, 0) would admit keys from too far back
+    (choose_backend never sends a windowed layer here).
     """
     from flash_attn import flash_attn_varlen_func
 
@@ -205,13 +338,15 @@ def flash_varlen_attention(q, k, v, q_real, k_real, window, scale):
         x = x.transpose(1, 2)  # (B, L, H, D)
         lens = real.sum(dim=1, dtype=torch.int32)
         cu = F.pad(lens.cumsum(0, dtype=torch.int32), (1, 0))
-        return x[real], cu, int(lens.max())
+        # max_seqlen only sizes flash's grid: the static row length bounds it without reading lens on the host
+        # (the boolean packing x[real] still does one sync per call; see the README's Known limits)
+        return x[real], cu, x.shape[1]
 
     q_packed, cu_q, max_q = pack(q, q_real)
     k_packed, cu_k, max_k = pack(k, k_real)
     v_packed, _, _ = pack(v, k_real)
     out = flash_attn_varlen_func(q_packed, k_packed, v_packed, cu_q, cu_k, max_q, max_k, softmax_scale=scale,
-                                 causal=True, window_size=(window - 1, 0) if window else (-1, -1))
+                                 causal=True)
     full = q.new_zeros(q.shape[0], q.shape[2], q.shape[1], q.shape[3])
     full[q_real] = out
     return full.transpose(1, 2)

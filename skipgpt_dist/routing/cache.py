@@ -35,6 +35,10 @@ class RoutedCacheLayer(DynamicLayer):
         # (which also hands every layer a fresh multi-page allocation per token).
         self._buffers: Optional[tuple[torch.Tensor, torch.Tensor]] = None
         self._buffered = 0  # entries the buffers hold
+        # append may read which entries are kept on the host to compact them (set per forward by the routed block:
+        # CPU eager, dynamic inference slots). Without it entries are stored as they come, with their flags: no
+        # host sync, shapes fixed by the token count (kv_policy=routed then saves compute, not cache memory).
+        self.host_reads = True
 
     def lazy_initialization(self, key_states, value_states):
         self.device = key_states.device
@@ -64,6 +68,8 @@ class RoutedCacheLayer(DynamicLayer):
             self.lazy_initialization(keys, values)
         if all_kept:
             new, rows_even = (keys, values, pos, keep), True
+        elif not self.host_reads:
+            new, rows_even = (keys, values, pos, keep), False  # flagged, not compacted: keep is never read
         else:
             new, all_kept, rows_even = _compacted(keys, values, pos, keep)
         self.all_valid = self.all_valid and rows_even

@@ -59,8 +59,12 @@ class RouterConfig:
     # executed otherwise.
     gate_grad: str = "auto"
     # mode=capacity when nothing records autograd (eval mode, no grad): `dynamic` sizes each sublayer's slots to
-    # the busiest row's executed tokens (no overflow: equals mask; a sublayer no token executes does not run);
-    # `static` keeps k = ceil(capacity * S) as in training. Distributed evaluation forces static (see evaluate.py).
+    # the busiest row's executed tokens (no overflow: equals mask; a sublayer no token executes does not run), which
+    # reads the decisions on the host once per sublayer: the CPU choice. `static` keeps k = ceil(capacity * S) as
+    # in training and never reads device values on the host (no GPU stall, CUDA-graph and torch.compile friendly;
+    # the KV cache then keeps flagged entries instead of compacting them): the GPU choice. Not chosen by device
+    # (no `auto`): static can overflow where dynamic cannot, so the device must not change a config's outputs.
+    # Distributed evaluation forces static (see evaluate.py).
     inference_slots: str = "dynamic"
 
     def __post_init__(self):

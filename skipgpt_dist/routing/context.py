@@ -14,6 +14,15 @@ import torch
 
 from .adapters import rope_tables
 from .config import RouterConfig
+from .gates import noise_base
+
+
+def host_reads_free(device) -> bool:
+    """Whether reading tensor values on the host costs nothing: CPU eager only. There the code may take
+    data-dependent shortcuts (compacted caches, "no padding" checks); on a GPU each read stalls the launch queue
+    (and FSDP2's overlap of the next all-gather), and under torch.compile it breaks the graph. The same rule as
+    attention._trim_keys."""
+    return torch.device(device).type == "cpu" and not torch.compiler.is_compiling()
 
 
 @dataclass(frozen=True)
@@ -22,12 +31,13 @@ class TokenLayout:
     positions: torch.Tensor  # (B, S) int64 position of each token
     count: torch.Tensor  # () number of real tokens
     masked: bool  # the forward was given a padding mask
+    host_reads: bool = True  # values may be read on the host (host_reads_free, or a path that reads them anyway)
 
     @cached_property
     def all_valid(self) -> bool:
-        """No padding among the current tokens. Asked only where the answer saves work (a host sync with a mask;
-        inference paths that read decisions on the host anyway)."""
-        return not self.masked or bool(self.valid.all())
+        """No padding among the current tokens. Asked only where the answer saves work. With a mask that needs a
+        host read, so without host_reads the answer is a safe False ("maybe padding": masks instead of shortcuts)."""
+        return not self.masked or (self.host_reads and bool(self.valid.all()))
 
     @cached_property
     def no_tokens(self) -> torch.Tensor:
@@ -50,6 +60,7 @@ class RoutingContext:
     sample_ids: Optional[torch.Tensor] = None
     attention_mask: Optional[torch.Tensor] = None  # 2-D (B, past + S), 1 = real token
     forward_calls: int = 0
+    num_layers: int = 0  # routed layers sharing this context (each LayerRouting counts itself in)
     stats: dict = field(default_factory=dict)  # layer index -> per-kind statistics of the last forward
     layouts: dict = field(default_factory=dict)  # token_layout results of the current forward
 
@@ -60,19 +71,19 @@ class RoutingContext:
             return torch.ones(batch, seq_len, dtype=torch.bool, device=device)
         return mask[:, -seq_len:].to(device=device, dtype=torch.bool)
 
-    def token_layout(self, batch: int, seq_len: int, past: int, device) -> "TokenLayout":
+    def token_layout(self, batch: int, seq_len: int, past: int, device, host_reads: bool = True) -> "TokenLayout":
         """Which of the current tokens are real, and their positions.
 
         Built once per forward and shared by every layer (they all see the same tokens): a few ops per layer less,
         which matters at token-by-token decode. The pre-hook clears it when the next forward starts.
         """
-        key = (batch, seq_len, past, device, torch.is_inference_mode_enabled())
+        key = (batch, seq_len, past, device, torch.is_inference_mode_enabled(), host_reads)
         layout = self.layouts.get(key)
         if layout is None:
             valid = self.valid_tokens(batch, seq_len, device)
             positions = (past + torch.arange(seq_len, device=device)).expand(batch, seq_len)
             masked = self.attention_mask is not None and self.attention_mask.dim() == 2
-            layout = self.layouts[key] = TokenLayout(valid, positions, valid.sum(), masked)
+            layout = self.layouts[key] = TokenLayout(valid, positions, valid.sum(), masked, host_reads)
         return layout
 
     def rope_tables(self, position_embeddings, batch: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -88,10 +99,51 @@ class RoutingContext:
     def noise_counter(self) -> int:
         return self.noise_step if self.noise_step is not None else self.forward_calls
 
+    def temperature_tensor(self, device) -> torch.Tensor:
+        """The Gumbel temperature as a 0-d float32 tensor on device, made once per forward (a fill, no copy)."""
+        key = ("temperature", torch.device(device), float(self.temperature))
+        cached = self.layouts.get(key)
+        if cached is None:
+            cached = self.layouts[key] = torch.full((), float(self.temperature), device=device)
+        return cached
+
     def noise_sample_ids(self, batch: int, device) -> torch.Tensor:
-        if self.sample_ids is not None and self.sample_ids.numel() == batch:
-            return self.sample_ids.to(device)
-        return torch.arange(batch, device=device)
+        """(B,) int64 global sample ids of the rows on `device` (once per forward: see noise_inputs)."""
+        return self.noise_inputs(batch, device)[0]
+
+    def noise_inputs(self, batch: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+        """(sample ids (B,), noise bases (num_layers, 2)), int64 on `device`: everything the Gumbel noise of this
+        forward needs besides token positions. Made once per forward with ONE host-to-device copy (ids and every
+        (layer, kind) noise_base packed together) and shared by every layer, activation-checkpoint recompute
+        included: no per-layer copy stalls the stream. The bases are data, not constants, so a compiled block does
+        not recompile as the step advances."""
+        key = ("noise", batch, torch.device(device), self.noise_seed, self.noise_counter(), self.num_layers)
+        cached = self.layouts.get(key)
+        if cached is None:
+            ids = self.sample_ids
+            ids = ids.reshape(-1).to(torch.int64) if ids is not None and ids.numel() == batch else None
+            bases = [noise_base(self.noise_seed, self.noise_counter(), layer, kind)
+                     for layer in range(max(self.num_layers, 1)) for kind in (0, 1)]
+            host = torch.tensor(bases, dtype=torch.int64)
+            if ids is not None and ids.device.type == "cpu":  # (the data loader's): one copy for ids and bases
+                packed = _copy_to(torch.cat([ids, host]), device)
+                ids, host = packed[:batch], packed[batch:]
+            else:
+                ids = ids.to(device) if ids is not None else torch.arange(batch, device=device)
+                host = _copy_to(host, device)
+            cached = self.layouts[key] = (ids, host.view(-1, 2))
+        return cached
+
+
+def _copy_to(host: torch.Tensor, device) -> torch.Tensor:
+    """host on device without waiting for the stream: a copy from pageable memory first synchronises the stream
+    (CUDA's rule), one from pinned memory is queued like a kernel (the pinned block is kept until it completes)."""
+    device = torch.device(device)
+    if device.type == "cpu":
+        return host
+    if device.type == "cuda":
+        host = host.pin_memory()
+    return host.to(device, non_blocking=True)
 
 
 def capture_attention_mask(ctx: RoutingContext):

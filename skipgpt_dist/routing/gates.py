@@ -38,21 +38,45 @@ def _splitmix(x: torch.Tensor) -> torch.Tensor:
     return x ^ _shr(x, 31)
 
 
+def _splitmix_int(x: int) -> int:
+    """_splitmix on a Python int, bit for bit: int64 wrap-around is arithmetic mod 2**64 and the logical shifts
+    read the unsigned value (so the host computes it without making a tensor)."""
+    x &= _MASK64
+    x ^= x >> 30
+    x = (x * 0xBF58476D1CE4E5B9) & _MASK64
+    x ^= x >> 27
+    x = (x * 0x94D049BB133111EB) & _MASK64
+    return _signed(x ^ (x >> 31))
+
+
+def noise_base(seed: int, step: int, layer: int, kind: int) -> int:
+    """The (seed, step, layer, kind) part of the noise hash, as a signed int64 value computed on the host."""
+    base = _signed(seed * 0x100000001B3 + step)
+    for value in (layer, kind):
+        base = _splitmix_int(base ^ _signed((value + 1) * _GOLDEN))
+    return base
+
+
+def hashed_uniform_from_base(base, sample_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    """hashed_uniform given its noise_base: a Python int, or a 0-d int64 tensor on positions' device (what the
+    routed block passes: the per-forward table of RoutingContext.noise_inputs, so a compiled block takes the step
+    as data rather than as a constant it would recompile for). Creates no tensor on the host."""
+    ids = sample_ids.to(positions.device, torch.int64)  # a no-op for ids already there (RoutingContext)
+    x = _splitmix((ids * _GOLDEN)[:, None] ^ base)
+    x = _splitmix(x ^ (positions.to(torch.int64) * _M1))
+    channel = torch.arange(1, 3, device=positions.device, dtype=torch.int64) * _M2
+    x = _splitmix(x[..., None] ^ channel)
+    bits = _shr(x, 11).to(torch.float64)
+    return ((bits + 0.5) / float(1 << 53)).to(torch.float32)
+
+
 def hashed_uniform(seed: int, step: int, sample_ids: torch.Tensor, layer: int, kind: int,
                    positions: torch.Tensor) -> torch.Tensor:
     """Uniform(0, 1) noise of shape (B, S, 2), a pure function of its arguments.
 
     sample_ids: (B,) global ids of the rows; positions: (B, S) token positions within each row.
     """
-    base = torch.tensor(_signed(seed * 0x100000001B3 + step), dtype=torch.int64)
-    for value in (layer, kind):
-        base = _splitmix(base ^ _signed((value + 1) * _GOLDEN))
-    x = _splitmix(base.to(positions.device) ^ (sample_ids.to(positions.device, torch.int64)[:, None] * _GOLDEN))
-    x = _splitmix(x ^ (positions.to(torch.int64) * _M1))
-    channel = torch.arange(1, 3, device=positions.device, dtype=torch.int64) * _M2
-    x = _splitmix(x[..., None] ^ channel)
-    bits = _shr(x, 11).to(torch.float64)
-    return ((bits + 0.5) / float(1 << 53)).to(torch.float32)
+    return hashed_uniform_from_base(noise_base(seed, step, layer, kind), sample_ids, positions)
 
 
 @dataclass

@@ -16,11 +16,11 @@ import torch
 from torch import nn
 
 from .adapters import AttentionShape, FamilyAdapter, apply_rope
-from .attention import (flash_attn_available, flash_varlen_attention, flex_attention_call, sdpa_attention,
-                        sdpa_prefix_attention, sdpa_unmasked)
+from .attention import (choose_backend, flash_attn_available, flash_varlen_attention, flex_attention_available,
+                        flex_attention_call, sdpa_attention, sdpa_prefix_attention, sdpa_unmasked)
 from .cache import RoutedCacheLayer, routed_cache_layer
-from .context import RoutingContext, TokenLayout
-from .gates import Gates, capacity_slots, draw_gates, hashed_uniform, select_slots
+from .context import RoutingContext, TokenLayout, host_reads_free
+from .gates import Gates, capacity_slots, draw_gates, hashed_uniform_from_base, select_slots
 
 ATTN, MLP = 0, 1
 
@@ -35,6 +35,10 @@ class LayerRouting:
     window: Optional[int]
     scale: float
     ctx: RoutingContext
+
+    def __post_init__(self):
+        # the context sizes its per-forward noise table (one entry per layer and kind) from this
+        self.ctx.num_layers = max(self.ctx.num_layers, self.layer_idx + 1)
 
 
 @dataclass
@@ -68,45 +72,87 @@ class RoutedLayerMixin:
 
 
 def routed_block(layer: nn.Module, h: torch.Tensor, position_embeddings, cache) -> torch.Tensor:
+    """Host-side bookkeeping (per-forward caches, the KV cache, statistics), then the block's tensor work:
+    routed_compute, or its compiled copy (training/compile.py) where shapes do not depend on data."""
     r: LayerRouting = layer._skipgpt
     ctx = r.ctx
     batch, seq_len, _ = h.shape
     cache_layer = routed_cache_layer(cache, r.layer_idx) if cache is not None else None
     past = cache_layer.seen if cache_layer is not None else 0
-    layout = ctx.token_layout(batch, seq_len, past, h.device)
-    valid, positions = layout.valid, layout.positions
+    dynamic = dynamic_inference(ctx.cfg, layer.training)
+    compiled = layer.__dict__.get("_skipgpt_compiled")
+    # Compiled code runs without a KV cache (its appends are host state: lengths, buffers) and with static slots
+    compiled = compiled if compiled is not None and cache_layer is None and not dynamic else None
+    # Host reads where they are free (CPU eager) or where the path reads decisions on the host anyway (dynamic
+    # inference slots); never on a GPU otherwise, nor in compiled code.
+    host_reads = compiled is None and (dynamic or host_reads_free(h.device))
+    layout = ctx.token_layout(batch, seq_len, past, h.device, host_reads)
+    if compiled is not None:
+        layout.all_valid  # noqa: B018 (cached before tracing: without host reads it reads no tensor)
+    if cache_layer is not None:
+        cache_layer.host_reads = host_reads
     cos, sin = ctx.rope_tables(position_embeddings, batch)
-    decoding = past > 0
-
-    attn_router, mlp_router = layer.skipgpt_attn_router, layer.skipgpt_mlp_router
-    scale = attn_router.input_scale(h)  # both routers read h by default: one RMS for the two
-    attn_plan = plan_sublayer(attn_router(h, scale), layout, r, ATTN, layer.training, decoding, h)
-    h_mid = attention_sublayer(layer, r, h, attn_plan, layout, cos, sin, cache_layer)
-    mlp_logits = mlp_router(h, scale) if ctx.cfg.mlp_router_input == "block_input" else mlp_router(h_mid)
-    mlp_plan = plan_sublayer(mlp_logits, layout, r, MLP, layer.training, decoding, h_mid)
-    # h_mid is h itself when no token executed attention: then it is the caller's tensor, not ours to update
-    out = mlp_sublayer(layer, r, h_mid, mlp_plan, h_is_scratch=h_mid is not h)
-    record_stats(ctx, r.layer_idx, valid, layout.count, attn_plan, mlp_plan)
+    noise_key = None
+    if layer.training and ctx.noisy and ctx.enabled:
+        ids, bases = ctx.noise_inputs(batch, h.device)
+        noise_key = (ids, bases[r.layer_idx])
+    # Compiled code takes the temperature as a tensor: a float would be a constant, recompiled when it anneals
+    temperature = float(ctx.temperature) if compiled is None else ctx.temperature_tensor(h.device)
+    out, stats = (compiled or routed_compute)(layer, h, layout, cos, sin, cache_layer, noise_key, temperature)
+    ctx.stats[r.layer_idx] = stats
     return out
 
 
+def routed_compute(layer: nn.Module, h: torch.Tensor, layout: TokenLayout, cos, sin,
+                   cache_layer: Optional[RoutedCacheLayer], noise_key, temperature):
+    """The routed block's tensor work: (output, statistics). noise_key: (sample ids (B,), noise bases (2,)) of
+    this layer on h's device (RoutingContext.noise_inputs), None without Gumbel noise; temperature: a float or a
+    0-d tensor. Reads nothing on the host unless layout.host_reads."""
+    r: LayerRouting = layer._skipgpt
+    ctx = r.ctx
+    decoding = cache_layer is not None and cache_layer.seen > 0
+    attn_router, mlp_router = layer.skipgpt_attn_router, layer.skipgpt_mlp_router
+    scale = attn_router.input_scale(h)  # both routers read h by default: one RMS for the two
+    attn_plan = plan_sublayer(attn_router(h, scale), layout, r, ATTN, layer.training, decoding, h,
+                              noise_key=noise_key, temperature=temperature)
+    h_mid = attention_sublayer(layer, r, h, attn_plan, layout, cos, sin, cache_layer)
+    mlp_logits = mlp_router(h, scale) if ctx.cfg.mlp_router_input == "block_input" else mlp_router(h_mid)
+    mlp_plan = plan_sublayer(mlp_logits, layout, r, MLP, layer.training, decoding, h_mid,
+                             noise_key=noise_key, temperature=temperature)
+    # h_mid is h itself when no token executed attention: then it is the caller's tensor, not ours to update
+    out = mlp_sublayer(layer, r, h_mid, mlp_plan, h_is_scratch=h_mid is not h)
+    return out, block_stats(layout.valid, layout.count, attn_plan, mlp_plan)
+
+
+def dynamic_inference(cfg, training: bool) -> bool:
+    """The block will (most likely) size slots from the data: capacity mode, dynamic inference slots, nothing
+    recorded by autograd (dynamic_slots decides per sublayer; this is the block-level expectation)."""
+    return (cfg.mode == "capacity" and cfg.inference_slots == "dynamic" and not training
+            and not torch.is_grad_enabled())
+
+
 def plan_sublayer(logits, layout: TokenLayout, r: LayerRouting, kind: int, training: bool, decoding: bool,
-                  x: Optional[torch.Tensor] = None) -> Plan:
-    """x: the sublayer's input; when autograd records it (or the logits), slots stay static."""
+                  x: Optional[torch.Tensor] = None, noise_key=None, temperature=None) -> Plan:
+    """x: the sublayer's input; when autograd records it (or the logits), slots stay static.
+    noise_key: (sample ids, per-kind noise bases) of this layer for Gumbel noise (training), or None.
+    temperature: the Gumbel temperature (default: the context's)."""
     ctx, cfg = r.ctx, r.ctx.cfg
     valid, positions = layout.valid, layout.positions
     if not ctx.enabled:
         gates = Gates(hard=valid, score=valid.float(), soft=None)
         return Plan(gates=gates, executed_tokens=valid)
+    if training and ctx.noisy and noise_key is None:  # (a caller outside routed_block)
+        ids, bases = ctx.noise_inputs(valid.shape[0], valid.device)
+        noise_key = (ids, bases[r.layer_idx])
     noise = None
     if training and ctx.noisy:
-        ids = ctx.noise_sample_ids(valid.shape[0], valid.device)
-        noise = hashed_uniform(ctx.noise_seed, ctx.noise_counter(), ids, r.layer_idx, kind, positions)
+        noise = hashed_uniform_from_base(noise_key[1][kind], noise_key[0], positions)
+    temperature = ctx.temperature if temperature is None else temperature
     dynamic = cfg.mode == "capacity" and dynamic_slots(cfg.inference_slots, training, logits, x)
     if dynamic and logits.shape[:2] == (1, 1) and layout.all_valid:
         return single_token_plan(logits, layout)
     # (without a padding mask every token is valid, known without looking at the data)
-    gates = draw_gates(logits, valid, ctx.temperature, noise, not layout.masked or (dynamic and layout.all_valid))
+    gates = draw_gates(logits, valid, temperature, noise, not layout.masked or (dynamic and layout.all_valid))
     if cfg.mode == "mask":
         return Plan(gates=gates, executed_tokens=gates.hard)
     if dynamic:
@@ -230,7 +276,9 @@ def attention_sublayer(layer, r: LayerRouting, h, plan: Plan, layout: TokenLayou
     k = apply_rope(project_heads(getattr(attn, ad.k_proj), x_kv, shape.kv_heads, shape.head_dim), k_cos, k_sin)
     v = project_heads(getattr(attn, ad.v_proj), x_kv, shape.kv_heads, shape.head_dim)
     compacted = routed_kv and plan.idx is not None
-    backend = resolve_backend(cfg.attn_backend, compacted, q)
+    # a static query count: every token (S) or the static k slots, not a data-dependent dynamic-slot count
+    static_queries = plan.idx is None or plan.idx.shape[1] == capacity_slots(h.shape[1], cfg.capacity)
+    backend = resolve_backend(cfg.attn_backend, compacted, q, r.window, cache_layer is not None, static_queries)
     all_kept = cache_layer is not None and layout.all_valid and (not routed_kv or plan.all_executed)
     # kv_policy=all, no padding, nothing cached before this chunk: the keys are exactly positions 0..S-1, all valid
     prefix_keys = not routed_kv and (cache_layer is None or cache_layer.seen == 0) and layout.all_valid
@@ -291,21 +339,22 @@ def skipped_attention(layer, r: LayerRouting, h, layout: TokenLayout, cos, sin,
                        all_kept=layout.all_valid)
 
 
-def resolve_backend(backend: str, compacted: bool, q: torch.Tensor) -> str:
-    """`auto`: flash-attn varlen on GPU for compacted (kv_policy=routed) slots, SDPA otherwise."""
-    if backend == "auto":
-        return "flash" if compacted and q.is_cuda and flash_attn_available() else "sdpa"
-    return backend
+def resolve_backend(backend: str, compacted: bool, q: torch.Tensor, window: Optional[int] = None,
+                    has_cache: bool = False, static_queries: bool = True) -> str:
+    """The back end of this call: attention.choose_backend (every rule lives there) on q's device and dtype.
+    (flash-attn is looked up only for CUDA tensors: no per-layer package lookup on the CPU path.)"""
+    return choose_backend(backend, q.device.type, q.dtype, compacted, window, has_cache, static_queries,
+                          q.is_cuda and flash_attn_available(), flex_attention_available())
 
 
 def run_attention(backend, q, k, v, q_pos, k_pos, k_valid, r: LayerRouting, compacted: bool, q_real,
                   open_keys: bool = False, prefix_keys: bool = False):
     """backend: resolved (resolve_backend). open_keys: every query may attend every key (no mask needed).
     prefix_keys: the keys are positions 0..K-1, all valid (then k_pos and k_valid say nothing more)."""
-    if backend == "flash" and compacted:
-        return flash_varlen_attention(q, k, v, q_real, k_valid, r.window, r.scale)
-    if backend == "flex":
-        return flex_attention_call(q, k, v, q_pos, k_pos, k_valid, r.window, r.scale)
+    if backend == "flash" and compacted:  # (choose_backend picks flash only for compacted, unwindowed calls)
+        return flash_varlen_attention(q, k, v, q_real, k_valid, r.scale)
+    if backend == "flex":  # block masks shared through the per-forward dict (position_block_mask)
+        return flex_attention_call(q, k, v, q_pos, k_pos, k_valid, r.window, r.scale, r.ctx.layouts)
     if prefix_keys:
         return sdpa_prefix_attention(q, k, v, q_pos, r.window, r.scale)
     if open_keys:
@@ -330,8 +379,9 @@ def combine(h, out, plan: Plan, dense_grad: bool, h_is_scratch: bool = False) ->
     h_is_scratch: the caller owns h and never reads it again, so when autograd is not recording it is updated in
     place (no copy of the whole (B, S, d) tensor).
     """
-    in_place = h_is_scratch and h.is_contiguous() and not (torch.is_grad_enabled() and
-                                                           (h.requires_grad or out.requires_grad))
+    # (not in compiled code: it plans its own buffers, and spare_row_buffer's storage checks do not trace)
+    in_place = h_is_scratch and h.is_contiguous() and not torch.compiler.is_compiling() and not (
+        torch.is_grad_enabled() and (h.requires_grad or out.requires_grad))
     if plan.all_executed:  # every gate is 1 and carries no gradient
         return h.add_(out) if in_place else h + out
     if plan.idx is None:
@@ -367,9 +417,9 @@ def spare_row_buffer(h: torch.Tensor) -> Optional[torch.Tensor]:
     return base
 
 
-def record_stats(ctx: RoutingContext, layer_idx: int, valid, count, attn_plan: Plan, mlp_plan: Plan) -> None:
-    ctx.stats[layer_idx] = {"attn": _sublayer_stats(attn_plan, valid, count),
-                            "mlp": _sublayer_stats(mlp_plan, valid, count)}
+def block_stats(valid, count, attn_plan: Plan, mlp_plan: Plan) -> dict:
+    """Per-kind statistics of one block (tensors: the caller stores them in the context)."""
+    return {"attn": _sublayer_stats(attn_plan, valid, count), "mlp": _sublayer_stats(mlp_plan, valid, count)}
 
 
 def _sublayer_stats(p: Plan, valid, count) -> dict:

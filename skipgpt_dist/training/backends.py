@@ -12,6 +12,7 @@ import os
 
 from ..errors import SkipGPTError
 from . import distributed as D
+from .compile import compile_model
 from .engine import Engine, LocalEngine
 
 
@@ -117,7 +118,9 @@ def make_engine(cfg, model) -> Engine:
         return FSDP2Engine(model, cfg)
     if cfg.parallel.activation_checkpointing:
         enable_activation_checkpointing(model)
-    return LocalEngine(model, cfg)
+    engine = LocalEngine(model, cfg)  # (on the local GPU, if any, before compiling)
+    compile_model(engine.model, cfg)
+    return engine
 
 
 def report_held_parameters(engine) -> None:
