@@ -186,3 +186,101 @@ def router_linear_input(args) -> "torch.Tensor":
     scale when one is passed (routers scale the Linear's outputs instead of its input)."""
     x = args[0].detach()
     return x * args[1] if len(args) > 1 and args[1] is not None else x
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Model shapes (random weights) and the device / dtype options shared by the benches
+# ----------------------------------------------------------------------------------------------------------------
+# --shape NAME: a random-weight LlamaForCausalLM of this shape (the one home of these numbers: routed_forward.py and
+# generate.py both build from here). `smollm2` is SmolLM2-135M's shape; `llama2-7b-4l` is a 4-layer slice of
+# Llama-2-7B (about 1.07B parameters with its embeddings and LM head).
+SHAPES = {
+    "smollm2": dict(num_hidden_layers=30, hidden_size=576, intermediate_size=1536, num_attention_heads=9,
+                    num_key_value_heads=3, vocab_size=49152, max_position_embeddings=2048, rms_norm_eps=1e-5,
+                    hidden_act="silu", tie_word_embeddings=True),
+    "llama2-7b-4l": dict(num_hidden_layers=4, hidden_size=4096, intermediate_size=11008, num_attention_heads=32,
+                         num_key_value_heads=32, vocab_size=32000, max_position_embeddings=4096, rms_norm_eps=1e-5,
+                         hidden_act="silu", tie_word_embeddings=False),
+}
+DTYPES = ("float32", "bfloat16", "float16")
+
+
+def shape_config(name: str, layers: Optional[int] = None, max_positions: Optional[int] = None, **overrides):
+    """The LlamaConfig of SHAPES[name] (read at call time), with num_hidden_layers=layers and
+    max_position_embeddings >= max_positions when given; further keyword arguments go to LlamaConfig."""
+    from transformers import LlamaConfig
+
+    kwargs = dict(SHAPES[name])
+    if layers is not None:
+        kwargs["num_hidden_layers"] = layers
+    if max_positions is not None:
+        kwargs["max_position_embeddings"] = max(kwargs.get("max_position_embeddings", 0), max_positions)
+    kwargs.update(overrides)
+    return LlamaConfig(**kwargs)
+
+
+def build_random_model(config, dtype: torch.dtype = torch.float32, device="cpu", seed: int = 0):
+    """A random-weight causal LM of `config`, created directly on `device` in `dtype` (no fp32 CPU copy of a
+    1B-parameter model first), in eval mode."""
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    with torch.device(device):
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    return model.eval()
+
+
+def add_device_options(parser, default_dtype_cpu: str = "float32", default_dtype_cuda: str = "bfloat16") -> None:
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
+                        help="where the models run and are timed (cuda: torch.cuda.synchronize() around every timed "
+                             "region, warm-up calls first, --allocator ignored, memory = torch.cuda.max_memory_allocated)")
+    parser.add_argument("--dtype", choices=DTYPES, default=None,
+                        help=f"model dtype (default {default_dtype_cpu} on cpu, {default_dtype_cuda} on cuda; "
+                             "routers stay fp32)")
+    parser.set_defaults(_dtype_defaults=(default_dtype_cpu, default_dtype_cuda))
+
+
+def resolve_device_options(args) -> None:
+    """Fill args.dtype's device default; fail early when --device cuda has no GPU."""
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("--device cuda: torch.cuda.is_available() is False here")
+    if args.dtype is None:
+        args.dtype = args._dtype_defaults[args.device == "cuda"]
+
+
+def device_allocator(args) -> str:
+    """--allocator on cpu (apply_allocator); on cuda it is glibc host-heap control, irrelevant to GPU timings:
+    ignored, and recorded as such."""
+    if args.device == "cuda":
+        print(f"allocator: --allocator {args.allocator} ignored on cuda (glibc host-heap control; GPU memory is "
+              "the caching allocator's)")
+        return f"ignored (cuda; --allocator {args.allocator})"
+    return apply_allocator(args.allocator)
+
+
+def device_record(device: str) -> dict:
+    """What a bench's JSON records about where it ran."""
+    out = {"device": device, "torch": torch.__version__}
+    if device == "cuda":
+        out["device_name"] = torch.cuda.get_device_name()
+        out["cuda"] = torch.version.cuda
+    else:
+        import platform
+
+        out["device_name"] = platform.processor() or platform.machine()
+    return out
+
+
+def cuda_peak_start(device) -> int:
+    """Start a peak-memory window on cuda (returns the bytes allocated now); 0 elsewhere."""
+    if torch.device(device).type != "cuda":
+        return 0
+    sync(device)
+    torch.cuda.reset_peak_memory_stats()
+    return torch.cuda.memory_allocated()
+
+
+def cuda_peak_mib(device, start: int) -> float:
+    """Peak bytes allocated since cuda_peak_start, above what was allocated then (weights, caches), in MiB."""
+    sync(device)
+    return (torch.cuda.max_memory_allocated() - start) / 2 ** 20

@@ -1,4 +1,4 @@
-"""Generation speed of dense vs SkipGPT-routed SmolLM2-135M on CPU: prefill and decode tokens/s, KV-cache bytes.
+"""Generation speed of dense vs SkipGPT-routed SmolLM2-135M (CPU or CUDA): prefill and decode tokens/s, KV bytes.
 
 Batch 1, a ~512-token prompt from the Shakespeare eval plays, then greedy decode of 64 new tokens with the KV
 cache (a manual loop: one forward per token, nothing else timed). The routed model runs `capacity` mode with
@@ -6,9 +6,19 @@ dynamic inference slots (the default at inference: a token that skips a sublayer
 decode a skipped sublayer does not run at all). Every variant is measured in the same run, round-robin inside
 each repeat; medians are reported.
 
+On --device cuda the routed model runs routers.inference_slots=static instead (--inference-slots to choose): k =
+ceil(capacity * S) slots with capacity = 1 - the requested sparsity, no host read of the decisions (the sync-free GPU
+path). At batch-1 decode that is ceil(capacity * 1) = 1 slot per sublayer, so every decoded token runs every
+sublayer (a padding slot when its router says skip): static slots save compute in the prefill, not in batch-1 decode,
+and a kv_policy=routed cache keeps flagged entries instead of compacting them. Timed regions (the prefill; the
+whole decode loop) are bracketed by torch.cuda.synchronize(); the warm-up run of each variant comes first; no CUDA
+graphs (decode is eager, one launch sequence per token).
+
     python bench/generate.py                          # SmolLM2-135M, kv_policy all and routed, 25% and 40%
     python bench/generate.py --quick                  # builtin:tiny, a few seconds
     python bench/generate.py --routers RUN_OR_EXPORT  # trained routers (their own kv_policy and sparsity)
+    python bench/generate.py --shape llama2-7b-4l     # random weights, 4 layers of Llama-2-7B (bench/common.SHAPES)
+    python bench/generate.py --device cuda --dtype bfloat16   # on the GPU (static inference slots)
 
 Routers (default): random directions, each router's bias set so that the requested fraction of the tokens of a
 calibration text (another eval play) skips; the skip decisions are then those of real routers at that sparsity
@@ -29,14 +39,17 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from bench.common import (add_allocator_option, apply_allocator, decode_flop_parts, flop_parts,  # noqa: E402
-                          ideal_ratio, loadavg, median, round_robin, router_linear_input, shape_of)
+from bench.common import (SHAPES, add_allocator_option, add_device_options, build_random_model,  # noqa: E402
+                          decode_flop_parts, device_allocator, device_record, flop_parts, ideal_ratio, loadavg, median,
+                          resolve_device_options, round_robin, router_linear_input, shape_config, shape_of, sync)
 from skipgpt_dist import RouterConfig, attach_routers, load_routers, routing_context, routing_stats  # noqa: E402
 from skipgpt_dist.assets import resolve_model_path, shakespeare_files  # noqa: E402
 
 SKIPS = (0.25, 0.40)
 TARGET_DECODE_SPEEDUP = 1.15  # at 25% sparsity (from the issue)
 TARGET_KV_EXCESS = 0.02  # routed KV bytes may exceed (1 - attention sparsity) x dense by this much
+# --shape: a random-weight Llama of a shape in bench.common.SHAPES (imported above) instead of --model's weights
+# (--model then gives only the tokenizer)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -59,16 +72,34 @@ def eval_token_ids(tokenizer, n_tokens: int, play: int) -> torch.Tensor:
     return ids[:, :n_tokens]
 
 
-def load_models(path: str, dtype: torch.dtype, router_cfg: RouterConfig):
+def load_models(path: str, dtype: torch.dtype, router_cfg: RouterConfig, shape: str | None = None,
+                device: str = "cpu"):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     folder = resolve_model_path(path)
-    dense = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype).eval()
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    if shape:
+        dense = build_random_model(shape_config(shape), dtype, device)
+        tokenizer = _ModuloVocab(tokenizer, dense.config.vocab_size)
+    else:
+        dense = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype).to(device).eval()
     routed = copy.deepcopy(dense)
     attach_routers(routed, router_cfg)
     for model in (dense, routed):
         model.requires_grad_(False)
-    return dense, routed, AutoTokenizer.from_pretrained(folder)
+    return dense, routed, tokenizer
+
+
+class _ModuloVocab:
+    """--shape: the tokenizer's ids folded into the random model's vocabulary (only timing matters there)."""
+
+    def __init__(self, tokenizer, vocab: int):
+        self.tokenizer, self.vocab = tokenizer, vocab
+
+    def __call__(self, *args, **kwargs):
+        out = self.tokenizer(*args, **kwargs)
+        out["input_ids"] = out["input_ids"] % self.vocab
+        return out
 
 
 def _routers(model):
@@ -89,7 +120,7 @@ def calibrate(model, ids: torch.Tensor, kv_policy: str, skip: float, seed: int =
 
     def hook(linear, args, out):
         x = router_linear_input(args).reshape(-1, args[0].shape[-1]).float()
-        w = torch.randn(x.shape[-1], generator=gen)
+        w = torch.randn(x.shape[-1], generator=gen).to(x.device)  # (the CPU generator: same directions anywhere)
         w = w / (x @ w).std().clamp_min(1e-6)
         bias = -float(torch.quantile(x @ w, skip))  # a fraction `skip` of margins x.w + bias are <= 0
         linear.weight.copy_(torch.stack([w / 2, -w / 2]))
@@ -141,25 +172,31 @@ def cache_bytes(cache, reserved: bool = False) -> int:
 
 
 def generate(model, ids: torch.Tensor, new_tokens: int, on_step=None) -> dict:
-    """Prefill then greedy decode with the KV cache. Times each phase (the GC is off while timing)."""
+    """Prefill then greedy decode with the KV cache. Times each phase (the GC is off while timing; on cuda each
+    timed phase starts and ends with torch.cuda.synchronize(), so a phase's time includes its queued kernels)."""
     from transformers import DynamicCache
 
     cache = DynamicCache(config=model.config)
+    device = ids.device
     gc.collect()
     gc.disable()
     try:
+        sync(device)
         start = time.perf_counter()
         out = model(input_ids=ids, cache=cache, use_cache=True, logits_to_keep=1)
         token = out.logits[:, -1].argmax(dim=-1, keepdim=True)
+        sync(device)
         prefill = time.perf_counter() - start
         if on_step:
             on_step("prefill")
+        sync(device)
         start = time.perf_counter()
         for _ in range(new_tokens):
             out = model(input_ids=token, cache=cache, use_cache=True)
             token = out.logits[:, -1].argmax(dim=-1, keepdim=True)
             if on_step:
                 on_step("decode")
+        sync(device)
         decode = time.perf_counter() - start
     finally:
         gc.enable()
@@ -208,13 +245,17 @@ class Bench:
 
 
 def routed_config(args) -> RouterConfig:
-    """capacity mode (dynamic inference slots), with the trained routers' own config under --routers."""
+    """capacity mode (--inference-slots: dynamic on cpu, static on cuda), with the trained routers' own config
+    under --routers. Dynamic slots: capacity 1 (no overflow); static: the trained capacity (build_states sets
+    1 - skip for calibrated routers)."""
     if not args.routers:
-        return RouterConfig(mode="capacity", capacity=1.0)
+        return RouterConfig(mode="capacity", capacity=1.0, inference_slots=args.inference_slots)
     from skipgpt_dist.training.model_setup import saved_router_config
 
-    trained = saved_router_config(routers_file(args.routers)).with_execution("capacity", 1.0)
-    return dataclasses.replace(trained, inference_slots="dynamic")
+    saved = saved_router_config(routers_file(args.routers))
+    capacity = 1.0 if args.inference_slots == "dynamic" else saved.capacity
+    trained = saved.with_execution("capacity", capacity)
+    return dataclasses.replace(trained, inference_slots=args.inference_slots)
 
 
 def build_states(args, routed, tokenizer, prompt_tokens: int) -> tuple[list[Variant], dict]:
@@ -231,8 +272,10 @@ def build_states(args, routed, tokenizer, prompt_tokens: int) -> tuple[list[Vari
         for skip in args.skips:
             v = Variant(f"skip{round(100 * skip)}/{kv}", kv, skip)
             variants.append(v)
-            cfg = RouterConfig(mode="capacity", capacity=1.0, kv_policy=kv)
-            states[v.name] = (cfg, calibrate(routed, calib, kv, skip))
+            # static slots: k = ceil((1 - skip) * S), as many slots as the calibrated routers execute
+            capacity = 1.0 if args.inference_slots == "dynamic" else round(1.0 - skip, 4)
+            cfg = RouterConfig(mode="capacity", capacity=capacity, kv_policy=kv, inference_slots=args.inference_slots)
+            states[v.name] = (cfg, calibrate(routed, calib.to(args.device), kv, skip))
     return variants, states
 
 
@@ -306,7 +349,10 @@ def targets(rows: list[dict]) -> list[str]:
 # ----------------------------------------------------------------------------------------------------------------
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--model", help="model path or builtin name (default builtin:smollm2-135m; --quick: builtin:tiny)")
+    p.add_argument("--model", help="model path or builtin name (default builtin:smollm2-135m; --quick: builtin:tiny; "
+                                   "--shape: builtin:tiny, for its tokenizer only)")
+    p.add_argument("--shape", choices=sorted(SHAPES), help="random weights of this shape instead of --model's "
+                                                          "(--model then gives only the tokenizer)")
     p.add_argument("--prompt-tokens", type=int, help="default 512 (--quick: 64)")
     p.add_argument("--new-tokens", type=int, help="default 64 (--quick: 8)")
     p.add_argument("--repeats", type=int, help="default 5 (--quick: 2)")
@@ -314,14 +360,22 @@ def parse_args(argv=None):
     p.add_argument("--skips", default=",".join(str(s) for s in SKIPS), help="requested sparsities, comma-separated")
     p.add_argument("--routers", help="trained routers: an export folder, checkpoint, run folder or routers file "
                                      "(their kv_policy; only the router weights are loaded onto --model)")
-    p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
+    add_device_options(p, default_dtype_cpu="float32", default_dtype_cuda="bfloat16")
+    p.add_argument("--inference-slots", choices=("dynamic", "static"),
+                   help="routed capacity slots at inference (default dynamic on cpu: skipped sublayers cost nothing, "
+                        "decisions read on the host; static on cuda: k = ceil((1 - skip) * S), sync-free)")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--quick", action="store_true", help="builtin:tiny, 64+8 tokens, 2 repeats (explicit flags win)")
     add_allocator_option(p)
     p.add_argument("--json", action="store_true", help="also print the results as one JSON line")
     args = p.parse_args(argv)
+    resolve_device_options(args)
+    if args.inference_slots is None:
+        args.inference_slots = "static" if args.device == "cuda" else "dynamic"
     defaults = dict(model="builtin:tiny", prompt_tokens=64, new_tokens=8, repeats=2) if args.quick else \
         dict(model="builtin:smollm2-135m", prompt_tokens=512, new_tokens=64, repeats=5)
+    if args.shape:
+        defaults["model"] = "builtin:tiny"
     for key, value in defaults.items():
         if getattr(args, key) is None:
             setattr(args, key, value)
@@ -333,24 +387,33 @@ def parse_args(argv=None):
 def main(argv=None) -> dict:
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
-    allocator = apply_allocator(args.allocator)  # before any model memory: the heap it grows stays
-    dense, routed, tokenizer = load_models(args.model, getattr(torch, args.dtype), routed_config(args))
+    allocator = device_allocator(args)  # before any model memory: the heap it grows stays
+    dense, routed, tokenizer = load_models(args.model, getattr(torch, args.dtype), routed_config(args), args.shape,
+                                           args.device)
     shape = shape_of(dense.config)
-    ids = eval_token_ids(tokenizer, args.prompt_tokens, play=0)
+    ids = eval_token_ids(tokenizer, args.prompt_tokens, play=0).to(args.device)
+    where = device_record(args.device)
     variants, states = build_states(args, routed, tokenizer, args.prompt_tokens)
     bench = Bench(dense, routed, states, ids, args.new_tokens)
     by_name = {v.name: v for v in variants}
 
     print(f"load average at start: {loadavg()}")
-    print(f"{args.model}: {shape.layers} layers, hidden {shape.d}, {args.dtype}, {args.threads} thread(s), batch 1, "
+    print(f"{f'{args.shape} (random weights)' if args.shape else args.model}: {shape.layers} layers, hidden {shape.d}, {args.dtype}, "
+          f"{args.device} ({where['device_name']}), {args.threads} thread(s), batch 1, "
           f"prompt {args.prompt_tokens} tokens, {args.new_tokens} new tokens (greedy, KV cache), "
           f"{args.repeats} repeats round-robin, torch {torch.__version__}")
     print("routers: " + (f"trained, from {routers_file(args.routers)}" if args.routers else
                          "random directions, biases calibrated per layer on another eval play to the requested "
                          "sparsity (decisions real in number, not in quality)"))
-    print("routed: mode=capacity, dynamic inference slots (no padding slots; a sublayer no token executes is not run)")
+    print("routed: mode=capacity, " + (
+        "dynamic inference slots (no padding slots; a sublayer no token executes is not run)"
+        if args.inference_slots == "dynamic" else
+        "static inference slots (k = ceil((1 - skip) * S) per sublayer, no host read of the decisions; batch-1 "
+        "decode runs its one slot every time, so it saves no decode compute)"))
     for v in variants:  # warm-up that also records executed fractions and KV bytes
         bench.record_stats(v)
+    if args.device == "cuda":
+        torch.cuda.reset_peak_memory_stats()
     bench.stats["dense_kv_bytes"] = bench.measure(by_name["dense"])["kv_bytes"]
     results = round_robin([v.name for v in variants], args.repeats, lambda name: bench.measure(by_name[name]))
     rows = summarise(results, variants, bench.stats, shape, args.prompt_tokens, args.new_tokens)
@@ -367,10 +430,13 @@ def main(argv=None) -> dict:
     for line in targets(rows):
         print(line)
     print(f"load average at end: {loadavg()}")
-    record = {"bench": "generate", "model": args.model, "dtype": args.dtype, "threads": args.threads,
+    record = {"bench": "generate", **where, "model": args.model, "shape": args.shape, "dtype": args.dtype,
+              "threads": args.threads, "inference_slots": args.inference_slots, "cuda_graphs": False,
               "prompt_tokens": args.prompt_tokens, "new_tokens": args.new_tokens, "repeats": args.repeats,
-              "routers": args.routers or "calibrated-random", "torch": torch.__version__,
+              "routers": args.routers or "calibrated-random",
               "allocator": allocator, "variants": rows}
+    if args.device == "cuda":  # peak over the timed runs (both models' weights + the KV caches + activations)
+        record["cuda_max_memory_allocated_mib"] = torch.cuda.max_memory_allocated() / 2 ** 20
     if args.json:
         print(json.dumps(record))
     return record

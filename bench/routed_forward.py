@@ -1,14 +1,24 @@
 """Dense vs SkipGPT `mask` vs `capacity` routing: forward and router-training-step time against the FLOP ideal.
 
-The model is a LlamaForCausalLM with the shape of SmolLM2-135M (30 layers, hidden 576, MLP 1536, 9 heads / 3 KV
-heads, vocab 49152, tied embeddings), random weights, fp32. Every variant is measured in the same run,
-round-robin inside each repeat (so background load hits all of them alike), forwards and train steps in separate
-phases; medians are reported. glibc is told to keep freed memory (--allocator keep, the default), so no timed call
-pays page faults that depend on the heap's state; the faults column shows the median per forward.
+The model is a LlamaForCausalLM with random weights, of the shape of SmolLM2-135M (--shape smollm2, the default:
+30 layers, hidden 576, MLP 1536, 9 heads / 3 KV heads, vocab 49152, tied embeddings) or of a 4-layer slice of
+Llama-2-7B (--shape llama2-7b-4l: hidden 4096, 32 heads / 32 KV heads, MLP 11008, vocab 32000), fp32 on CPU by
+default (--device cuda, --dtype bfloat16 for the GPU). Every variant is measured in the same run, round-robin
+inside each repeat (so background load hits all of them alike), forwards and train steps in separate phases;
+medians are reported. On CPU glibc is told to keep freed memory (--allocator keep, the default), so no timed call
+pays page faults that depend on the heap's state; the faults column shows the median per forward. On CUDA every
+timed region is bracketed by torch.cuda.synchronize(), each variant gets --warmup untimed calls first, a measurement
+is the mean of --iters back-to-back calls, --allocator is ignored, and the memory column is the peak
+torch.cuda.max_memory_allocated above the resident memory (weights) during the timed calls. Routed variants always
+run routers.inference_slots=static (k = ceil(c * S) slots, no host read of the decisions: the GPU's sync-free path).
 
     python bench/routed_forward.py                       # full run: S=1024, B=1, 30 layers, 5 repeats
     python bench/routed_forward.py --quick               # smoke run: 4 layers, S=256, 2 repeats (<30 s)
     python bench/routed_forward.py --kv-policy both      # kv_policy all and routed side by side
+    python bench/routed_forward.py --quick --compile     # + torch.compile'd dense and capacity variants
+                                                          # (each decoder block, inductor; ratios vs compiled dense)
+    python bench/routed_forward.py --device cuda --dtype bfloat16 --shape llama2-7b-4l   # GPU, 7B slice
+    python bench/routed_forward.py --device cuda --compile --compile-mode reduce-overhead  # + CUDA graphs
 
 Routers are set so the skip fraction is known exactly:
 - capacity variants: every router says "execute" with a margin of ~20 logits (bias [+10, -10] plus a small
@@ -28,15 +38,17 @@ import sys
 from dataclasses import dataclass
 
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM
+from transformers import LlamaForCausalLM
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from bench.common import (Shape, add_allocator_option, apply_allocator, flop_parts, flop_shares,  # noqa: E402
-                          ideal_ratio, loadavg, median, minor_faults, round_robin, router_linear_input, time_call)
+from bench.common import (SHAPES, Shape, add_allocator_option, add_device_options, build_random_model,  # noqa: E402
+                          cuda_peak_mib, cuda_peak_start, device_allocator, device_record, flop_parts, flop_shares,
+                          ideal_ratio, loadavg, median, minor_faults, resolve_device_options, round_robin,
+                          router_linear_input, shape_config, shape_of, time_call)
 from skipgpt_dist import RouterConfig, attach_routers, routing_context, routing_stats  # noqa: E402
+from skipgpt_dist.routing import routed_layers  # noqa: E402
+from skipgpt_dist.training.compile import compile_layer, uncompile_layer  # noqa: E402
 
-SMOLLM2_135M = dict(hidden_size=576, intermediate_size=1536, num_attention_heads=9, num_key_value_heads=3,
-                    vocab_size=49152, tie_word_embeddings=True, rms_norm_eps=1e-5, hidden_act="silu")
 SKIPS = (0.25, 0.40)  # capacity = 1 - skip
 TARGET_FWD, TARGET_TRAIN = 0.05, 0.07  # allowed gap to the ideal ratio (from the issue)
 
@@ -44,19 +56,18 @@ TARGET_FWD, TARGET_TRAIN = 0.05, 0.07  # allowed gap to the ideal ratio (from th
 # ----------------------------------------------------------------------------------------------------------------
 # Models and router settings
 # ----------------------------------------------------------------------------------------------------------------
-def build_models(layers: int, seq_len: int) -> tuple[LlamaForCausalLM, LlamaForCausalLM, Shape]:
-    torch.manual_seed(0)
-    config = LlamaConfig(num_hidden_layers=layers, max_position_embeddings=max(2048, seq_len),
-                         attn_implementation="sdpa", **SMOLLM2_135M)
-    dense = LlamaForCausalLM(config).float().eval()
+def build_models(layers: int, seq_len: int, shape: str = "smollm2", dtype: torch.dtype = torch.float32,
+                 device: str = "cpu") -> tuple[LlamaForCausalLM, LlamaForCausalLM, Shape]:
+    """Dense and routed (routers attached, fp32) copies of a random-weight model of SHAPES[shape] with `layers`
+    layers, on `device` in `dtype`."""
+    config = shape_config(shape, layers=layers, max_positions=seq_len, attn_implementation="sdpa")
+    dense = build_random_model(config, dtype, device)
     routed = copy.deepcopy(dense)
     attach_routers(routed, RouterConfig(mode="mask", capacity=1.0, kv_policy="all"))
     for model in (dense, routed):
         for name, param in model.named_parameters():
             param.requires_grad_("skipgpt_" in name)  # base frozen, routers trainable
-    shape = Shape(layers, config.hidden_size, config.num_attention_heads, config.num_key_value_heads,
-                  config.hidden_size // config.num_attention_heads, config.intermediate_size, config.vocab_size)
-    return dense, routed, shape
+    return dense, routed, shape_of(config)
 
 
 def _routers(model):
@@ -88,14 +99,15 @@ def router_settings(model, ids: torch.Tensor, mask_capacity: float) -> dict[str,
     states = {"capacity": [], "mask": []}
     for r in routers:
         h = inputs[r].reshape(-1, inputs[r].shape[-1]).float()
-        w = torch.randn(h.shape[-1], generator=gen)
+        w = torch.randn(h.shape[-1], generator=gen).to(h.device)  # (the CPU generator: same directions anywhere)
         margin = h @ w
         w = w / margin.std().clamp_min(1e-6)
         margin = h @ w
         weight = torch.stack([w / 2, -w / 2])
         b = -float(torch.quantile(margin, 1.0 - mask_capacity))  # fraction mask_capacity has margin + b > 0
-        states["capacity"].append({"net.weight": weight.clone(), "net.bias": torch.tensor([10.0, -10.0])})
-        states["mask"].append({"net.weight": weight.clone(), "net.bias": torch.tensor([b / 2, -b / 2])})
+        bias = r.net.bias
+        states["capacity"].append({"net.weight": weight.clone(), "net.bias": torch.tensor([10.0, -10.0]).to(bias)})
+        states["mask"].append({"net.weight": weight.clone(), "net.bias": torch.tensor([b / 2, -b / 2]).to(bias)})
     ctx.cfg = saved_cfg
     return states
 
@@ -116,26 +128,51 @@ class Variant:
     mode: str  # dense | mask | capacity
     capacity: float = 1.0
     kv_policy: str = "all"
+    compiled: bool = False  # torch.compile'd decoder blocks; its ratios are against compiled dense
+
+    @property
+    def baseline(self) -> str:
+        return "dense+compile" if self.compiled else "dense"
 
 
-def variants(kv_policies: list[str]) -> list[Variant]:
+def variants(kv_policies: list[str], compiled: bool = False) -> list[Variant]:
     out = [Variant("dense", "dense")]
     for kv in kv_policies:
         out.append(Variant(f"mask/{kv}", "mask", 1.0, kv))
         for skip in SKIPS:
             cap = round(1.0 - skip, 4)
             out.append(Variant(f"capacity{cap:.2f}/{kv}", "capacity", cap, kv))
+    if compiled:  # dense compiled vs routed compiled (capacity slots: the static-shape path that compiles whole)
+        out += [Variant("dense+compile", "dense", compiled=True)] + [
+            Variant(v.name + "+compile", v.mode, v.capacity, v.kv_policy, compiled=True)
+            for v in out if v.mode == "capacity"]
     return out
 
 
 class Bench:
-    def __init__(self, dense, routed, states, ids: torch.Tensor):
+    def __init__(self, dense, routed, states, ids: torch.Tensor, compiled: bool = False, device: str = "cpu",
+                 iters: int = 1, compile_mode: str | None = None):
         self.dense, self.routed, self.states, self.ids = dense, routed, states, ids
+        self.device, self.iters = device, iters
+        self.cuda = torch.device(device).type == "cuda"
+        self.compile_kwargs = {"mode": compile_mode} if compile_mode else {}
         self.stats: dict[str, dict] = {}
+        self.dense_compiled = None
+        if compiled:  # each decoder block compiled, as torchtitan does (and training/compile.py for routed blocks)
+            # one routed graph per (capacity, kv_policy, train/eval, layer 0 or not): more than the default 8
+            torch._dynamo.config.cache_size_limit = 64
+            self.dense_compiled = copy.deepcopy(dense)
+            for layer in self.dense_compiled.model.layers:
+                layer.compile(**self.compile_kwargs)
 
     def select(self, v: Variant):
         if v.mode == "dense":
-            return self.dense
+            return self.dense_compiled if v.compiled else self.dense
+        for layer in routed_layers(self.routed):  # (dynamo's cache lives on the code: re-wrapping recompiles nothing)
+            if v.compiled:
+                compile_layer(layer, **self.compile_kwargs)
+            else:
+                uncompile_layer(layer)
         ctx = routing_context(self.routed)
         # static slots at inference too: this bench measures the k = ceil(c * S) slot path that training runs
         # (dynamic inference slots would run every token here, since every router says execute)
@@ -143,13 +180,16 @@ class Bench:
         load_router_state(self.routed, self.states["mask" if v.mode == "mask" else "capacity"])
         return self.routed
 
-    def forward(self, v: Variant) -> None:
-        model = self.select(v)
+    def forward(self, v: Variant, model=None) -> None:
+        """One eval forward of v (model: v's selected model, when the caller already selected it)."""
+        model = self.select(v) if model is None else model
         model.eval()
         with torch.inference_mode():
-            model(input_ids=self.ids)
+            # compiled variants run without a KV cache: cache appends are host state that compiled routed blocks
+            # leave to eager code (and a cache makes dense's compiled layers recompile per layer)
+            model(input_ids=self.ids, use_cache=not v.compiled)
 
-    def train_step(self, v: Variant) -> None:
+    def train_step(self, v: Variant, model=None) -> None:
         """Router-training step: train mode (Gumbel gates), LM cross-entropy, backward into the routers only.
 
         Dense has no trainable parameters, so its step is forward + backward of the same loss with the input
@@ -159,24 +199,38 @@ class Bench:
         backward stops at layer 0's routers, whose input needs no gradient, so layer 0's sublayers are not
         back-propagated through; dense back-propagates into the embeddings. About 1/30 of the backward.)
         """
-        model = self.select(v)
+        model = self.select(v) if model is None else model
         model.train()
         model.zero_grad(set_to_none=True)
         if v.mode == "dense":
             embeds = model.get_input_embeddings()(self.ids).detach().requires_grad_(True)
-            loss = model(inputs_embeds=embeds, labels=self.ids).loss
+            loss = model(inputs_embeds=embeds, labels=self.ids, use_cache=not v.compiled).loss
         else:
-            loss = model(input_ids=self.ids, labels=self.ids).loss
+            loss = model(input_ids=self.ids, labels=self.ids, use_cache=not v.compiled).loss
         loss.backward()
         model.eval()
 
+    def _timed(self, fn) -> float:
+        """Seconds per call: the mean of self.iters back-to-back calls (synchronised on cuda)."""
+        return time_call(lambda: [fn() for _ in range(self.iters)], self.device) / self.iters
+
     def measure_forward(self, v: Variant) -> dict[str, float]:
+        model = self.select(v)  # (router states and compiled/eager switch: outside the timed region)
+        if self.cuda:
+            start = cuda_peak_start(self.device)
+            forward = self._timed(lambda: self.forward(v, model))
+            return {"forward": forward, "forward_peak_mib": cuda_peak_mib(self.device, start)}
         faults = minor_faults()
-        forward = time_call(lambda: self.forward(v))
+        forward = self._timed(lambda: self.forward(v, model))
         return {"forward": forward, "forward_faults": minor_faults() - faults}
 
     def measure_train(self, v: Variant) -> dict[str, float]:
-        return {"train": time_call(lambda: self.train_step(v))}
+        model = self.select(v)
+        if self.cuda:
+            start = cuda_peak_start(self.device)
+            train = self._timed(lambda: self.train_step(v, model))
+            return {"train": train, "train_peak_mib": cuda_peak_mib(self.device, start)}
+        return {"train": self._timed(lambda: self.train_step(v, model))}
 
     def record_stats(self, v: Variant) -> None:
         """Execute/overflow fractions of one eval forward and one train step (Gumbel gates)."""
@@ -197,26 +251,31 @@ class Bench:
 # Report
 # ----------------------------------------------------------------------------------------------------------------
 def summarise(results, vs: list[Variant], parts, stats) -> list[dict]:
-    d_fwd, d_train = median(results["dense"]["forward"]), median(results["dense"]["train"])
     rows = []
     for v in vs:
+        dense = results[v.baseline]
+        d_fwd, d_train = median(dense["forward"]), median(dense["train"])
         fwd, train = median(results[v.name]["forward"]), median(results[v.name]["train"])
         row = {"variant": v.name, "mode": v.mode, "capacity": v.capacity, "kv_policy": v.kv_policy,
                "forward_ms": 1e3 * fwd, "train_ms": 1e3 * train,
+               "compiled": v.compiled, "baseline": v.baseline,
                "forward_ratio": fwd / d_fwd, "train_ratio": train / d_train,
                # medians of the per-repeat paired ratios (each repeat's variant over that repeat's dense)
                "forward_ratio_paired": median([a / b for a, b in zip(results[v.name]["forward"],
-                                                                     results["dense"]["forward"])]),
+                                                                     dense["forward"])]),
                "train_ratio_paired": median([a / b for a, b in zip(results[v.name]["train"],
-                                                                   results["dense"]["train"])]),
+                                                                   dense["train"])]),
                "forward_ms_min": 1e3 * min(results[v.name]["forward"]),
                "train_ms_min": 1e3 * min(results[v.name]["train"]),
                # ratio of the fastest repeats: less sensitive to other processes' load than the medians
-               "forward_ratio_min": min(results[v.name]["forward"]) / min(results["dense"]["forward"]),
-               "train_ratio_min": min(results[v.name]["train"]) / min(results["dense"]["train"]),
+               "forward_ratio_min": min(results[v.name]["forward"]) / min(dense["forward"]),
+               "train_ratio_min": min(results[v.name]["train"]) / min(dense["train"]),
                "forward_ms_all": [1e3 * t for t in results[v.name]["forward"]],
-               "forward_page_faults": median(results[v.name]["forward_faults"]),
                "train_ms_all": [1e3 * t for t in results[v.name]["train"]]}
+        for key, metric in (("forward_page_faults", "forward_faults"), ("forward_peak_mib", "forward_peak_mib"),
+                            ("train_peak_mib", "train_peak_mib")):
+            if metric in results[v.name]:  # cpu: page faults; cuda: peak allocated above the resident memory
+                row[key] = median(results[v.name][metric])
         if v.mode == "capacity":
             row["ideal_forward"] = ideal_ratio(parts, v.capacity, v.kv_policy)
             row["ideal_train"] = row["ideal_forward"]
@@ -238,9 +297,11 @@ def summarise(results, vs: list[Variant], parts, stats) -> list[dict]:
 
 
 def print_table(rows: list[dict]) -> None:
-    head = (f"{'variant':<20}{'fwd ms':>9}{'fwd x':>8}{'(min)':>7}{'ideal':>7}{'train ms':>10}{'train x':>9}"
+    cuda = bool(rows) and "forward_peak_mib" in rows[0]
+    mem_head = "peak MiB" if cuda else "faults"
+    head = (f"{'variant':<28}{'fwd ms':>9}{'fwd x':>8}{'(min)':>7}{'ideal':>7}{'train ms':>10}{'train x':>9}"
             f"{'(min)':>7}{'ideal':>7}{'(refined)':>10}{'exec a/m (eval)':>17}{'exec a/m (train)':>18}"
-            f"{'overflow':>10}{'faults':>8}  target")
+            f"{'overflow':>10}{mem_head:>10}  target")
     print(head)
     print("-" * len(head))
     for r in rows:
@@ -252,10 +313,10 @@ def print_table(rows: list[dict]) -> None:
         target = {True: "ok", False: "MISS"}.get(r.get("meets_target"), "")
         if "as_expected" in r:
             target = ">= 1.0" if r["as_expected"] else "< 1.0 (attention)"
-        faults = r["forward_page_faults"]
-        print(f"{r['variant']:<20}{r['forward_ms']:>9.1f}{r['forward_ratio']:>8.3f}{r['forward_ratio_min']:>7.3f}"
+        mem = r["forward_peak_mib"] if cuda else r["forward_page_faults"]
+        print(f"{r['variant']:<28}{r['forward_ms']:>9.1f}{r['forward_ratio']:>8.3f}{r['forward_ratio_min']:>7.3f}"
               f"{r['ideal_forward']:>7.3f}{r['train_ms']:>10.1f}{r['train_ratio']:>9.3f}{r['train_ratio_min']:>7.3f}"
-              f"{r['ideal_train']:>7.3f}{refined:>10}{ev:>17}{tr:>18}{of:>10}{faults:>8.0f}  {target}")
+              f"{r['ideal_train']:>7.3f}{refined:>10}{ev:>17}{tr:>18}{of:>10}{mem:>10.0f}  {target}")
 
 
 def parse_args(argv=None):
@@ -263,29 +324,52 @@ def parse_args(argv=None):
     p.add_argument("--repeats", type=int, help="default 5 (--quick: 2)")
     p.add_argument("--seq-len", type=int, help="default 1024 (--quick: 256)")
     p.add_argument("--batch", type=int, default=1)
-    p.add_argument("--layers", type=int, help="default 30 (--quick: 4)")
+    p.add_argument("--layers", type=int, help="default: the shape's (smollm2 30, --quick 4; llama2-7b-4l 4)")
+    p.add_argument("--shape", choices=sorted(SHAPES), default="smollm2",
+                   help="random-weight model shape: smollm2 (SmolLM2-135M, default) or llama2-7b-4l (4 layers of "
+                        "Llama-2-7B)")
+    add_device_options(p, default_dtype_cpu="float32", default_dtype_cuda="bfloat16")
     p.add_argument("--kv-policy", choices=("all", "routed", "both"), default="all")
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--compile", action="store_true",
+                   help="also time torch.compile'd dense and capacity variants (inductor; ratios vs compiled dense)")
+    p.add_argument("--compile-mode", choices=("default", "reduce-overhead", "max-autotune-no-cudagraphs"),
+                   help="torch.compile mode of --compile (reduce-overhead: CUDA graphs on cuda)")
+    p.add_argument("--warmup", type=int, help="untimed forwards + train steps per variant before timing, after the "
+                                              "one that records routing statistics (default 0 on cpu, 3 on cuda)")
+    p.add_argument("--iters", type=int, help="calls per measurement, timed back to back (default 1 on cpu, 5 on cuda)")
     add_allocator_option(p)
-    p.add_argument("--quick", action="store_true", help="smoke run: 4 layers, seq 256, 2 repeats (explicit flags win)")
+    p.add_argument("--quick", action="store_true", help="smoke run: seq 256, 2 repeats, 4 layers (explicit flags win)")
     args = p.parse_args(argv)
-    defaults = dict(layers=4, seq_len=256, repeats=2) if args.quick else dict(layers=30, seq_len=1024, repeats=5)
+    resolve_device_options(args)
+    shape_layers = SHAPES[args.shape]["num_hidden_layers"]
+    defaults = dict(layers=min(4, shape_layers), seq_len=256, repeats=2) if args.quick else \
+        dict(layers=shape_layers, seq_len=1024, repeats=5)
+    cuda = args.device == "cuda"
+    defaults.update(warmup=3 if cuda else 0, iters=5 if cuda else 1)
     for key, value in defaults.items():
         if getattr(args, key) is None:
             setattr(args, key, value)
+    if args.compile_mode == "default":
+        args.compile_mode = None
+    if args.compile_mode and not args.compile:
+        p.error("--compile-mode needs --compile")
     return args
 
 
 def main(argv=None) -> dict:
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
-    allocator = apply_allocator(args.allocator)  # before any model memory: the heap it grows stays
+    allocator = device_allocator(args)  # before any model memory: the heap it grows stays
     kv_policies = ["all", "routed"] if args.kv_policy == "both" else [args.kv_policy]
-    dense, routed, shape = build_models(args.layers, args.seq_len)
+    dense, routed, shape = build_models(args.layers, args.seq_len, args.shape, getattr(torch, args.dtype),
+                                        args.device)
     ids = torch.randint(0, shape.vocab, (args.batch, args.seq_len), generator=torch.Generator().manual_seed(0))
+    ids = ids.to(args.device)
     states = router_settings(routed, ids, mask_capacity=1.0 - SKIPS[0])
-    bench = Bench(dense, routed, states, ids)
-    vs = variants(kv_policies)
+    bench = Bench(dense, routed, states, ids, compiled=args.compile, device=args.device, iters=args.iters,
+                  compile_mode=args.compile_mode)
+    vs = variants(kv_policies, compiled=args.compile)
     by_name = {v.name: v for v in vs}
 
     parts = flop_parts(shape, args.seq_len)
@@ -293,8 +377,13 @@ def main(argv=None) -> dict:
     sanity = {f"{kv}_skip{int(100 * s)}": round(ideal_ratio(ref_parts, 1 - s, kv), 4)
               for kv in ("all", "routed") for s in SKIPS}
     print(f"load average at start: {loadavg()} (other processes skew timings; medians and round-robin limit it)")
-    print(f"SmolLM2-135M shape, {args.layers} layers, batch {args.batch}, seq {args.seq_len}, fp32, "
-          f"{args.threads} threads, {args.repeats} repeats (round-robin), torch {torch.__version__}")
+    where = device_record(args.device)
+    print(f"{args.shape} shape (random weights), {args.layers} layers, batch {args.batch}, seq {args.seq_len}, "
+          f"{args.dtype}, {args.device} ({where['device_name']}), {args.threads} threads, {args.repeats} repeats "
+          f"(round-robin) x {args.iters} call(s) per measurement, {args.warmup} warm-up call(s), "
+          f"torch {torch.__version__}")
+    print("routed variants: routers.inference_slots=static (k = ceil(capacity * S) slots; no host read of the "
+          "decisions)" + (f"; compiled: mode {args.compile_mode or 'default'}" if args.compile else ""))
     print("FLOP shares at this shape/seq: " + ", ".join(f"{k} {100 * v:.1f}%" for k, v in flop_shares(parts).items()))
     print("Ideal forward ratios for 30 layers, seq 1024 (facts.md: all 0.807 / 0.692): " +
           ", ".join(f"{k} {v:.3f}" for k, v in sanity.items()))
@@ -305,6 +394,9 @@ def main(argv=None) -> dict:
             bench.train_step(v)
         else:
             bench.record_stats(v)
+        for _ in range(args.warmup):  # (cuda: kernels, autotuning, the caching allocator's pools, compiled graphs)
+            bench.forward(v)
+            bench.train_step(v)
     # Forwards and train steps in separate round-robin phases: a forward timed right after another variant's
     # backward pass starts from that pass's caches and heap, which neither inference nor training ever does.
     names = [v.name for v in vs]
@@ -316,17 +408,23 @@ def main(argv=None) -> dict:
     rows = summarise(results, vs, parts, bench.stats)
     print()
     print_table(rows)
-    print("\nx = median time / median dense time ((min) = fastest repeat / fastest dense repeat); ideal = FLOP ratio "
-          "(train ideal = forward ideal, as the issue sets it; refined = frozen-base backward weighting). "
-          "exec a/m = executed fraction attention/MLP; overflow = router-chosen tokens without a slot; faults = "
-          "median minor page faults per timed forward.")
+    print("\nx = median time / median dense time (+compile rows: / median dense+compile time) ((min) = fastest "
+          "repeat / fastest dense repeat); ideal = FLOP ratio (train ideal = forward ideal, as the issue sets it; refined = frozen-base backward weighting). "
+          "exec a/m = executed fraction attention/MLP; overflow = router-chosen tokens without a slot; " +
+          ("peak MiB = median peak torch.cuda.max_memory_allocated above the resident memory per timed forward."
+           if args.device == "cuda" else "faults = median minor page faults per timed forward."))
     print(f"load average during the run: {loadavg()}")
     print(f"targets: capacity ratio <= ideal + {TARGET_FWD} (forward) / + {TARGET_TRAIN} (train). mask is expected "
           ">= 1.0 (it runs every sublayer); it can go below where its blocked SDPA beats dense's is_causal SDPA")
-    record = {"bench": "routed_forward", "layers": args.layers, "seq_len": args.seq_len, "batch": args.batch,
-              "repeats": args.repeats, "threads": args.threads, "torch": torch.__version__,
+    record = {"bench": "routed_forward", **where, "dtype": args.dtype, "shape": args.shape,
+              "inference_slots": "static", "compile": args.compile, "compile_mode": args.compile_mode,
+              "layers": args.layers, "seq_len": args.seq_len, "batch": args.batch,
+              "repeats": args.repeats, "iters": args.iters, "warmup": args.warmup, "threads": args.threads,
               "allocator": allocator,
               "loadavg_end": loadavg(), "flop_shares": flop_shares(parts), "sanity_ideal_30L_1024": sanity, "variants": rows}
+    if args.device == "cuda":
+        # resident: the models' weights (dense, routed, + the compiled dense copy) and the allocator's live blocks
+        record["cuda_resident_mib"] = torch.cuda.memory_allocated() / 2 ** 20
     print(json.dumps(record))
     return record
 

@@ -15,7 +15,8 @@
 #   RUN_DIR         the run folder (default: $OUT/stage$STAGE)
 #   INIT_FROM       stage 2: the stage-1 run folder or checkpoint (default: $OUT/stage1)
 #   BACKEND         fsdp2 | deepspeed | none (default: fsdp2)
-#   DS_CONFIG       DeepSpeed JSON (implies BACKEND=deepspeed)
+#   DS_CONFIG       DeepSpeed JSON (implies BACKEND=deepspeed; BACKEND=deepspeed alone uses ds_configs/zero3.json,
+#                   the production ZeRO-3 settings; ds_configs/zero3_offload.json when GPU memory is short)
 #   GPUS_PER_NODE   GPUs (= ranks) per node; 0 = CPU ranks with gloo (default: DEFAULT_GPUS_PER_NODE)
 #   CPU_RANKS_PER_NODE  ranks per node when GPUS_PER_NODE=0 (default 1)
 #   NODES           the node count this run expects; the job fails fast if the allocation differs
@@ -63,6 +64,8 @@ skipgpt_resolve_and_check() {
   DS_CONFIG=$(skipgpt_abspath "${DS_CONFIG:-}")
   BACKEND=${BACKEND:-fsdp2}
   [ -n "$DS_CONFIG" ] && BACKEND=deepspeed
+  # ZeRO-3 for a 13B-70B model: never the python-side built-in config by accident
+  [ "$BACKEND" = deepspeed ] && [ -z "$DS_CONFIG" ] && DS_CONFIG=$SKIPGPT_REPO/ds_configs/zero3.json
   GPUS_PER_NODE=${GPUS_PER_NODE:-$DEFAULT_GPUS_PER_NODE}
   CPU_RANKS_PER_NODE=${CPU_RANKS_PER_NODE:-1}
   MAX_REQUEUES=${MAX_REQUEUES:-20}
@@ -104,9 +107,8 @@ skipgpt_resolve_and_check() {
   local extra; read -r -a extra <<< "${EXTRA:-}"   # space-separated; no glob expansion of [..] or *
   OVERRIDES+=("${extra[@]}" "$@")
   TRAIN_ARGS=(--config "$CONFIG")
-  if [ "$BACKEND" = deepspeed ]; then  # --ds_config implies parallel.backend=deepspeed (train.py)
-    if [ -n "$DS_CONFIG" ]; then TRAIN_ARGS+=(--ds_config "$DS_CONFIG"); else OVERRIDES+=(parallel.backend=deepspeed); fi
-  fi
+  # --ds_config implies parallel.backend=deepspeed (train.py); DS_CONFIG is always set with BACKEND=deepspeed
+  [ "$BACKEND" = deepspeed ] && TRAIN_ARGS+=(--ds_config "$DS_CONFIG")
   TRAIN_ARGS+=("${OVERRIDES[@]}")
   # config keys, model folder, data files, stage-1 checkpoint: a few seconds here instead of after rendezvous
   "$PYTHON" -m skipgpt_dist.launch preflight --world-size $((SLURM_NNODES * NPROC_PER_NODE)) "${TRAIN_ARGS[@]}" \

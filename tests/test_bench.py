@@ -4,6 +4,9 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+import torch
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -63,3 +66,77 @@ def test_generate_quick_runs(tiny_model_dir):
     routed = variants["skip40/routed"]
     assert routed["kv_expected"] < 0.8 and routed["kv_expected"] <= routed["kv_ratio"] < routed["kv_expected"] * 1.05
     assert variants["skip40/all"]["kv_ratio"] >= 1.0
+
+
+# ---------------------------------------------------------------- --device / --dtype / --shape
+
+
+def test_shape_builder_is_shared_and_gives_the_llama2_7b_slice():
+    """One home for the random-weight shapes (bench/common.SHAPES), used by both benches; the 7B slice's numbers."""
+    sys.path.insert(0, str(ROOT))
+    import bench.common as common
+    import bench.generate as generate
+    import bench.routed_forward as routed_forward
+
+    assert generate.SHAPES is common.SHAPES
+    config = common.shape_config("llama2-7b-4l", layers=1, max_positions=8192)
+    assert (config.num_hidden_layers, config.hidden_size, config.num_attention_heads, config.num_key_value_heads,
+            config.intermediate_size, config.vocab_size, config.tie_word_embeddings) == (1, 4096, 32, 32, 11008, 32000,
+                                                                                        False)
+    assert config.max_position_embeddings == 8192 and common.SHAPES["llama2-7b-4l"]["num_hidden_layers"] == 4
+    # the options the GPU check passes are accepted on cpu (parsing only: the real slice is ~1B parameters)
+    args = routed_forward.parse_args(["--device", "cpu", "--dtype", "bfloat16", "--shape", "llama2-7b-4l"])
+    assert (args.device, args.dtype, args.shape, args.layers, args.seq_len, args.iters, args.warmup) == \
+        ("cpu", "bfloat16", "llama2-7b-4l", 4, 1024, 1, 0)
+    assert routed_forward.parse_args(["--quick"]).dtype == "float32"
+    args = generate.parse_args(["--device", "cpu", "--dtype", "bfloat16", "--shape", "llama2-7b-4l"])
+    assert (args.dtype, args.inference_slots, args.model) == ("bfloat16", "dynamic", "builtin:tiny")
+    # a tiny model of the slice's family builds in the requested dtype
+    tiny = common.shape_config("llama2-7b-4l", layers=1, hidden_size=64, intermediate_size=128,
+                               num_attention_heads=4, num_key_value_heads=4, vocab_size=256)
+    model = common.build_random_model(tiny, torch.bfloat16, "cpu")
+    assert next(model.parameters()).dtype == torch.bfloat16 and len(model.model.layers) == 1
+
+
+def _routed_forward_json(extra: list[str]) -> dict:
+    proc = subprocess.run([sys.executable, str(ROOT / "bench/routed_forward.py"), "--quick", "--repeats", "1",
+                           "--kv-policy", "all", *extra], capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def test_routed_forward_bf16_on_cpu_records_where_it_ran():
+    result = _routed_forward_json(["--dtype", "bfloat16", "--layers", "2", "--seq-len", "64"])
+    assert (result["device"], result["dtype"], result["shape"], result["inference_slots"]) == \
+        ("cpu", "bfloat16", "smollm2", "static")
+    assert result["torch"] == torch.__version__ and result["device_name"]
+    variants = {v["variant"]: v for v in result["variants"]}
+    assert variants["capacity0.75/all"]["routing"]["eval"]["attn_execute"] == 0.75
+    assert all("forward_page_faults" in v and "forward_peak_mib" not in v for v in variants.values())
+
+
+@pytest.mark.gpu
+def test_routed_forward_on_cuda_quick():
+    result = _routed_forward_json(["--device", "cuda", "--dtype", "bfloat16", "--warmup", "1", "--iters", "2"])
+    assert (result["device"], result["dtype"], result["inference_slots"]) == ("cuda", "bfloat16", "static")
+    assert result["device_name"] == torch.cuda.get_device_name() and result["cuda"] == torch.version.cuda
+    assert result["allocator"].startswith("ignored") and result["cuda_resident_mib"] > 0
+    variants = {v["variant"]: v for v in result["variants"]}
+    assert {"dense", "mask/all", "capacity0.75/all", "capacity0.60/all"} <= set(variants)
+    assert variants["capacity0.75/all"]["routing"]["eval"]["attn_execute"] == 0.75
+    for name, v in variants.items():
+        assert v["forward_ms"] > 0 and v["train_ms"] > 0 and v["forward_peak_mib"] >= 0, name
+        assert "forward_page_faults" not in v, name
+
+
+@pytest.mark.gpu
+def test_generate_on_cuda_quick(tiny_model_dir):
+    proc = subprocess.run([sys.executable, str(ROOT / "bench/generate.py"), "--quick", "--repeats", "1",
+                           "--model", tiny_model_dir, "--device", "cuda", "--kv-policy", "all", "--json"],
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert (result["device"], result["dtype"], result["inference_slots"]) == ("cuda", "bfloat16", "static")
+    assert result["device_name"] == torch.cuda.get_device_name() and result["cuda_max_memory_allocated_mib"] > 0
+    for v in result["variants"]:
+        assert v["prefill_tok_s"] > 0 and v["decode_tok_s"] > 0, v["variant"]

@@ -3,10 +3,11 @@
     setup(cfg)                      # before build_model: process group, resolved ds_config, HfDeepSpeedConfig (ZeRO-3)
     engine = DeepSpeedEngine(model, cfg)     # one function builds it: build_deepspeed(model, cfg)
 
-The ds_config JSON is the user's (parallel.ds_config, or the built-in ZeRO-2 default). Its `auto` values are filled
-from the project config, and an explicit value that contradicts the project config is an error naming both, so the
-batch layout, the optimiser and clipping have one source of truth. The optimiser is an AdamW built by DeepSpeed
-(`torch_adam: true`: no JIT-compiled kernels); the LR schedule is ours (engine.build_scheduler), handed to
+The ds_config JSON is the user's (parallel.ds_config, or the built-in ZeRO-3 default, the same as
+ds_configs/zero3.json). Its `auto` values are filled from the project config, and an explicit value that
+contradicts the project config is an error naming both, so the batch layout, the optimiser and clipping have
+one source of truth. The optimiser is an AdamW built by DeepSpeed (`torch_adam: true`: no JIT-compiled
+kernels); the LR schedule is ours (engine.build_scheduler), handed to
 deepspeed.initialize so DeepSpeed steps and checkpoints it. A ds_config `scheduler` section is refused.
 
 ZeRO-3 partitions weights as they load: setup() keeps an HfDeepSpeedConfig alive, so the `from_pretrained` in
@@ -38,7 +39,9 @@ CKPT_DIR = "deepspeed"
 CKPT_TAG = "state"
 LAYOUT_FILE = "skipgpt_layout.json"
 
-# The built-in config (parallel.ds_config: null): ZeRO-2, everything from the project config.
+# The built-in config (parallel.ds_config: null) = ds_configs/zero3.json: ZeRO-3 with production settings (a
+# 13B-70B model fits only partitioned; one process and tiny models run with it too), the rest from the project
+# config. Numbers, not "auto": resolve_ds_config fills "auto" only for the batch, clipping, bf16 and optimizer keys.
 DEFAULT_DS_CONFIG = {
     "train_batch_size": "auto",
     "train_micro_batch_size_per_gpu": "auto",
@@ -47,7 +50,20 @@ DEFAULT_DS_CONFIG = {
     "bf16": {"enabled": "auto"},
     "optimizer": {"type": "AdamW", "params": {"lr": "auto", "betas": "auto", "eps": "auto",
                                               "weight_decay": "auto", "torch_adam": True}},
-    "zero_optimization": {"stage": 2},
+    "zero_optimization": {
+        "stage": 3,
+        "overlap_comm": True,
+        "contiguous_gradients": True,
+        "reduce_bucket_size": 50_000_000,
+        "stage3_prefetch_bucket_size": 50_000_000,
+        "stage3_param_persistence_threshold": 100_000,
+        "stage3_model_persistence_threshold": 9_223_372_036_854_775_807,  # sys.maxsize, DeepSpeed's default
+        "stage3_max_live_parameters": 1_000_000_000,
+        "stage3_max_reuse_distance": 1_000_000_000,
+        "stage3_gather_16bit_weights_on_model_save": False,
+    },
+    "steps_per_print": 1_000_000_000,
+    "wall_clock_breakdown": False,
 }
 
 _STATE: dict = {}  # the HfDeepSpeedConfig that must stay alive while ZeRO-3 models load
@@ -186,7 +202,8 @@ def setup(cfg) -> None:
     if torch.cuda.is_available():
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
     if not D.is_distributed():
-        deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo",
+        # On GPUs NCCL for CUDA tensors plus gloo for CPU ones (DeepSpeed hands the string to init_process_group).
+        deepspeed.init_distributed(dist_backend=D.backend_string(),
                                    auto_mpi_discovery=False, verbose=False)
     _STATE.pop("hf_ds_config", None)
     if zero_stage(ds_config) == 3:

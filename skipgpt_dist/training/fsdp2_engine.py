@@ -1,6 +1,6 @@
 """FSDP2 back end (parallel.backend=fsdp2): `fully_shard` per decoder layer, then the root.
 
-    setup(cfg)                                   # process group (gloo on CPU, nccl on GPU) + 1-D device mesh
+    setup(cfg)                                   # process group (D.backend_string()) + 1-D device mesh
     build_model(cfg, load_base=load_base_on_meta)   # model_setup: architecture on meta, weights not read yet
     engine = FSDP2Engine(model, cfg)             # apply_fsdp2: AC, fully_shard, then load weights into the shards
 
@@ -8,8 +8,8 @@ Loading: the HF architecture is built with its parameters on the meta device (bu
 then each meta parameter becomes a zero-stride CPU placeholder (one element of storage) so routers and LoRA attach
 exactly as in a normal build (same devices, same RNG draws, so the trainable initial values equal the one-process
 run). fully_shard allocates only this rank's shard of each parameter; then every safetensors file of model.path
-is read in turn and each tensor is copied into the local shard (distribute_tensor with no communication: every
-rank slices its own rows). Every placeholder must be filled and no parameter may be left on meta.
+is read in turn and each rank reads only the rows of each tensor that its shard holds (safetensors get_slice; no
+communication, no full tensor in memory). Every placeholder must be filled and no parameter may be left on meta.
 
 Gradients: backward(loss / grad_accum_steps) per micro-batch; FSDP2 reduce-scatters with the mean over ranks (only
 on the last micro-batch of a step), so the update equals one process on the global batch. Clipping uses the global
@@ -48,7 +48,7 @@ def setup(cfg) -> None:
     if cuda:
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
     if not D.is_distributed():
-        backend = "nccl" if cuda else "gloo"
+        backend = D.backend_string()  # on GPUs NCCL for CUDA tensors plus gloo for CPU ones
         if "WORLD_SIZE" not in os.environ:  # plain `python train.py`: a 1-rank group, no rendezvous needed
             dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
         else:
@@ -161,7 +161,8 @@ def _hf_name(name: str) -> str:
 
 
 def load_into_shards(model: nn.Module, deferred: dict) -> None:
-    """Copy each safetensors tensor into this rank's shard of the matching (placeholder) parameter."""
+    """Copy each safetensors tensor into this rank's shard of the matching (placeholder) parameter, reading from
+    the file only the rows this rank holds (safetensors get_slice), never a full tensor of a sharded parameter."""
     from safetensors import safe_open
     from torch.distributed.tensor import DTensor, distribute_tensor
 
@@ -175,22 +176,44 @@ def load_into_shards(model: nn.Module, deferred: dict) -> None:
                     group = group_of.get(key)
                     if group is None or group in loaded:
                         continue
-                    param, full = current[key], f.get_tensor(key)
-                    if tuple(full.shape) != tuple(param.shape):
-                        raise SkipGPTError(f"model.path={deferred['dir']}: {key} has shape {tuple(full.shape)} in "
+                    param, piece = current[key], f.get_slice(key)
+                    shape = tuple(piece.get_shape())
+                    if shape != tuple(param.shape):
+                        raise SkipGPTError(f"model.path={deferred['dir']}: {key} has shape {shape} in "
                                            f"{Path(path).name}, the model expects {tuple(param.shape)}")
-                    full = full.to(param.dtype)
-                    if isinstance(param, DTensor):
-                        piece = distribute_tensor(full, param.device_mesh, param.placements, src_data_rank=None)
-                        param.to_local().copy_(piece.to_local().to(param.device))
-                    else:
-                        param.copy_(full.to(param.device))
+                    local, window = _local_window(param)
+                    if window:
+                        local.copy_(piece[window].to(param.dtype).to(local.device))
+                    else:  # a scalar, or a layout that is not one box: read it whole, keep this rank's part
+                        full = f.get_tensor(key).to(param.dtype)
+                        if isinstance(param, DTensor):
+                            full = distribute_tensor(full, param.device_mesh, param.placements,
+                                                     src_data_rank=None).to_local()
+                        local.copy_(full.to(local.device))
                     loaded.add(group)
     missing = [names[0] for i, names in enumerate(deferred["aliases"]) if i not in loaded]
     if missing:
         raise SkipGPTError(f"model.path={deferred['dir']}: {len(missing)} weights are not in its safetensors files "
                            f"(e.g. {missing[0]}): the files must use the model's own parameter names, as "
                            "save_pretrained writes them")
+
+
+def _local_window(param) -> tuple[torch.Tensor, tuple[slice, ...] | None]:
+    """(this rank's local tensor, the index box of the global tensor it holds). FSDP2 shards dim 0 like
+    torch.chunk (rank r: rows [r * ceil(n / W), ...), possibly none); the box comes from DTensor's own layout
+    rule. None when the layout is not one box (e.g. a strided shard): then the caller reads the full tensor."""
+    from torch.distributed.tensor import DTensor, Shard
+    from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+
+    if not isinstance(param, DTensor):
+        return param, tuple(slice(0, n) for n in param.shape)
+    local = param.to_local()
+    if any(isinstance(p, Shard) and type(p) is not Shard for p in param.placements):
+        return local, None  # _StridedShard and friends: a rank's rows are not contiguous
+    shape, offset = compute_local_shape_and_global_offset(param.shape, param.device_mesh, param.placements)
+    if tuple(shape) != tuple(local.shape):
+        return local, None
+    return local, tuple(slice(o, o + n) for o, n in zip(offset, shape))
 
 
 def check_materialized(model: nn.Module) -> None:
@@ -211,6 +234,7 @@ def apply_fsdp2(model: nn.Module, cfg) -> nn.Module:
 
     from ..routing import routed_layers
     from .backends import enable_activation_checkpointing
+    from .compile import compile_model
 
     if cfg.parallel.activation_checkpointing:
         enable_activation_checkpointing(model)  # HF non-reentrant AC: FSDP2's hooks stay outside the checkpoint
@@ -232,6 +256,7 @@ def apply_fsdp2(model: nn.Module, cfg) -> nn.Module:
         load_into_shards(model, deferred)
         del hf_model(model).__dict__["_skipgpt_deferred"]
     check_materialized(model)
+    compile_model(model, cfg)  # per block, after AC and sharding (torchtitan's order)
     return model
 
 
