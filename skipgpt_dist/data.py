@@ -8,6 +8,10 @@
 
 Tokenisation goes through ``Dataset.map`` so ``datasets`` caches it in its own cache (keyed by the files and the
 tokenizer); packing is an exact global concatenation (documents joined with eos, remainder dropped).
+
+For corpora too large to tokenise at start-up, ``tools/prepare_data.py`` writes token shards once
+(``skipgpt_dist.token_shards``); ``pack_files`` on that folder gives the same rows, read lazily (only the rows a
+rank trains on, by positioned reads or np.memmap).
 """
 from __future__ import annotations
 
@@ -20,6 +24,7 @@ import numpy as np
 import torch
 
 from .errors import SkipGPTError
+from .token_shards import PackedShards
 
 _EXTENSIONS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".txt": "text", ".text": "text", ".md": "text"}
 _FORMAT_ALIASES = {
@@ -33,8 +38,12 @@ _BATCH_KEYS = "optim.micro_batch_size, optim.grad_accum_steps or the number of r
 
 def _format_of(path: str, fmt: str, key: str) -> str:
     if fmt != "auto":
+        if fmt == "shards":
+            raise SkipGPTError(f"data.format=shards but {path} is not a shard folder: give the folder written by "
+                               f"tools/prepare_data.py in {key}, or set data.format=auto")
         if fmt not in _FORMAT_ALIASES:
-            raise SkipGPTError(f"data.format={fmt} is unknown: use auto, jsonl, parquet, text or dataset")
+            raise SkipGPTError(f"data.format={fmt} is unknown: use auto, jsonl, parquet, text or dataset "
+                               "(or shards, for a folder written by tools/prepare_data.py)")
         return _FORMAT_ALIASES[fmt]
     if os.path.isdir(path):
         return "dataset"
@@ -244,7 +253,9 @@ def tokenize_and_pack(dataset, tokenizer, seq_len: int):
 
 
 def _rows(packed, index) -> torch.Tensor:
-    """Rows of a packed dataset (or a [N, L] tensor) as a LongTensor [len(index), L]."""
+    """Rows of a packed dataset (or a [N, L] tensor, or token shards) as a LongTensor [len(index), L]."""
+    if isinstance(packed, PackedShards):  # reads only these rows from the memory-mapped shards
+        return packed.rows(index)
     if isinstance(packed, torch.Tensor):
         return packed[torch.as_tensor(index, dtype=torch.long)].long()
     arr = packed.with_format("numpy")[list(map(int, index))]["input_ids"]
@@ -263,11 +274,20 @@ def eval_sequences(packed, n: int | None) -> torch.Tensor:
     return _rows(packed, range(n))
 
 
-def pack_files(files, tokenizer, seq_len: int, format: str = "auto", text_field: str = "text"):
-    """Text files (paths or builtin: names) -> their packed dataset of seq_len-token sequences."""
-    from .assets import resolve_data_files
+def pack_files(files, tokenizer, seq_len: int, format: str = "auto", text_field: str = "text",
+               key: str = "data.train_files"):
+    """Text files (paths or builtin: names) -> their packed dataset of seq_len-token sequences.
 
-    return tokenize_and_pack(load_text_dataset(resolve_data_files(files), format, text_field), tokenizer, seq_len)
+    A shard folder written by tools/prepare_data.py (or its manifest.json) is read lazily from its memory-mapped
+    shards instead (``token_shards.PackedShards``, the same rows), after checking it was made with this tokenizer."""
+    from .assets import resolve_data_files
+    from .token_shards import open_packed_shards, shard_folder
+
+    folder = shard_folder(files, format, key)
+    if folder is not None:
+        return open_packed_shards(folder, tokenizer, seq_len, key)
+    return tokenize_and_pack(load_text_dataset(resolve_data_files(files, key), format, text_field, key),
+                             tokenizer, seq_len)
 
 
 def packed_eval_sequences(files, tokenizer, seq_len: int, n: int | None, format: str = "auto",
