@@ -4,7 +4,10 @@ sharded checkpoints into one safetensors file (tools/consolidate.py).
 Every checkpoint, whatever the back end, holds the portable artifacts `routers.safetensors` and (stage 2)
 `adapter/` in peft's format, so tools read those first. Without them the trained tensors come from the engine's own
 files: `trainable.safetensors` (one process), DeepSpeed's ZeRO partitions (`deepspeed/`, rebuilt with DeepSpeed's
-zero_to_fp32 under a weights-only torch.load), or a DCP folder (`dcp/`, read without a process group).
+zero_to_fp32 under a weights-only torch.load), or a DCP folder (`dcp/`, read without a process group). Those engine
+files hold pickles (DCP `.metadata`, DeepSpeed `*_states.pt`): before anything reads them, each is checked against the
+size and sha256 that the checkpoint's trainer_state.json recorded when it was written (`verify_engine_files`), so a
+damaged, replaced or added file is a one-line error and is never unpickled.
 
 Merging streams: the base model's safetensors shards are read one at a time (`safe_open`) and each output shard is
 written tensor by tensor (header first, then the bytes; see `write_safetensors`), so peak memory is about one shard
@@ -461,13 +464,26 @@ def _pattern_value(patterns: dict, module: str, default):
 # ---------------------------------------------------------------- engine files (when the artifacts are missing)
 
 
+def verify_engine_files(ckpt: Checkpoint, sub: str) -> None:
+    """The engine's own files (DCP `.metadata`, DeepSpeed `*_states.pt` are pickles) must match the sizes and sha256
+    that trainer_state.json records before anything reads them: a damaged or replaced file is never unpickled."""
+    from .checkpoint import verify_checkpoint
+
+    problem = verify_checkpoint(ckpt.path, under=sub)
+    if problem is not None:
+        raise SkipGPTError(f"checkpoint {ckpt.path}: its {sub}/ files do not verify against trainer_state.json "
+                           f"({problem}); they are not read (they hold pickles): use another checkpoint")
+
+
 def engine_trainable_state(ckpt: Checkpoint) -> dict[str, torch.Tensor]:
     """The trained tensors held by the engine's own files, named as in the training model (peft names in stage 2;
-    no wrapper prefixes). Empty if the engine stored none."""
+    no wrapper prefixes). Empty if the engine stored none. DCP / DeepSpeed files are verified first."""
     backend = ckpt.backend
     if backend == "deepspeed":
+        verify_engine_files(ckpt, DEEPSPEED_DIR)
         return _deepspeed_state(ckpt.path / DEEPSPEED_DIR)
     if backend == "fsdp2":
+        verify_engine_files(ckpt, DCP_DIR)
         return _dcp_state(ckpt.path / DCP_DIR)
     path = ckpt.path / TRAINABLE_FILE
     if not path.is_file():
@@ -532,6 +548,7 @@ def _dcp_state(folder: Path) -> dict[str, torch.Tensor]:
     """The model tensors of a DCP checkpoint, read in this process (no process group; any number of writers)."""
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+    from torch.distributed.checkpoint.api import CheckpointException
 
     try:
         reader = dcp.FileSystemReader(str(folder))
@@ -540,7 +557,7 @@ def _dcp_state(folder: Path) -> dict[str, torch.Tensor]:
                  if isinstance(m, TensorStorageMetadata) and k.startswith("model.")}
         if state:
             dcp.load(state, storage_reader=reader, no_dist=True)
-    except Exception as err:
+    except (Exception, CheckpointException) as err:  # CheckpointException derives from BaseException
         first = str(err).strip().splitlines()[0][:200] if str(err).strip() else type(err).__name__
         raise SkipGPTError(f"the DCP files in {folder} cannot be read ({first}): the checkpoint is damaged or "
                            "incomplete; use another checkpoint") from None

@@ -174,6 +174,9 @@ def test_calibrate_tool_writes_a_copy_with_new_router_biases(quick_bench, tmp_pa
     assert all(torch.equal(old[k], new[k]) for k in old if k.endswith("weight"))
     assert any(not torch.equal(old[k], new[k]) for k in old if k.endswith("bias"))
     assert (out / "trainer_state.json").is_file()
+    from skipgpt_dist.checkpoint import verify_checkpoint
+
+    assert verify_checkpoint(out) is None  # the copy is a verified checkpoint: checkpoint.resume may name it
     # an existing --out is refused, untouched
     before = (out / "routers.safetensors").read_bytes()
     again = subprocess.run([sys.executable, str(ROOT / "tools/calibrate_routers.py"), str(source), "--out", str(out)],

@@ -48,7 +48,7 @@ def calibrate_checkpoint(checkpoint, out, sparsity=None, method="per_layer", dat
     if sparsity is not None and not 0.0 <= sparsity < 1.0:
         raise SkipGPTError(f"--sparsity {sparsity} is out of range: use a fraction in [0, 1), e.g. 0.25")
 
-    from skipgpt_dist.checkpoint import ROUTERS_FILE, find_checkpoint
+    from skipgpt_dist.checkpoint import ROUTERS_FILE, find_checkpoint, record_files, verify_checkpoint
     from skipgpt_dist.data import packed_eval_sequences
     from skipgpt_dist.routing import routing_context, save_routers
     from skipgpt_dist.routing.calibrate import calibrate_routers
@@ -69,6 +69,8 @@ def calibrate_checkpoint(checkpoint, out, sparsity=None, method="per_layer", dat
     try:
         shutil.copytree(source, tmp)
         save_routers(model, tmp / ROUTERS_FILE)
+        if verify_checkpoint(source) is None:  # a verified source gives a verified copy (resumable); never launder
+            record_files(tmp)                  # a damaged one by re-hashing it
         tmp.rename(out)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -8,6 +8,9 @@ sit under `.base_layer.`); tied duplicates are stored once. Full (default): the 
 from the base model folder (model.path of the checkpoint's config.yaml, or --base) + the routers + LoRA.
 --trainable-only: only what training produced (routers and LoRA). Trained tensors are read from the engine's own
 files (fp32 masters), falling back to the portable routers.safetensors / adapter/ when the engine stored none.
+The engine's files that hold pickles (DCP dcp/.metadata, DeepSpeed deepspeed/*_states.pt) are checked against the
+sizes and sha256 recorded in the checkpoint's trainer_state.json before anything reads them: a damaged or replaced
+file is a one-line error, never unpickled.
 """
 import argparse
 import os
