@@ -12,7 +12,7 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from skipgpt_dist.errors import run_cli  # noqa: E402
+from skipgpt_dist.errors import SkipGPTError, run_cli  # noqa: E402
 
 
 @run_cli
@@ -28,6 +28,12 @@ def main(argv=None):
                         help="execution mode to evaluate with (default: the trained one)")
     parser.add_argument("--capacity", type=float, default=None)
     args = parser.parse_args(argv)
+    if args.batch_size < 1:
+        raise SkipGPTError(f"--batch-size={args.batch_size} must be >= 1")
+    if args.sequences < 1:
+        raise SkipGPTError(f"--sequences={args.sequences} must be >= 1")
+    if args.seq_len is not None and args.seq_len < 2:
+        raise SkipGPTError(f"--seq-len={args.seq_len} must be >= 2: a sequence needs a token to predict the next from")
 
     import torch
 

@@ -45,7 +45,13 @@ def main(argv=None):
     from skipgpt_dist.report import collect_routing, load_for_report, write_report
 
     torch.manual_seed(0)
-    model, tokenizer = load_for_report(args.model, args.mode, args.capacity)
+    from safetensors import SafetensorError
+
+    try:
+        model, tokenizer = load_for_report(args.model, args.mode, args.capacity)
+    except SafetensorError as err:  # an exported folder's weights (checkpoints are checked in training/restore.py)
+        raise SkipGPTError(f"a safetensors file under {args.model} is not readable ({str(err).splitlines()[0][:160]}): "
+                           "it is truncated or corrupt; export or copy it again") from None
     report = collect_routing(model, tokenizer, text, args.max_tokens)
     report["model"] = args.model
     png, js = write_report(report, args.out)

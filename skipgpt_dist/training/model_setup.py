@@ -15,9 +15,34 @@ from ..routing import RouterConfig, attach_routers, load_routers, routing_contex
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 
+def check_model_config(model_dir: str) -> None:
+    """config.json of a model folder must be a JSON object (transformers reads it for the tokenizer too, and would
+    report a corrupt one as a missing tokenizer)."""
+    path = Path(model_dir) / "config.json"
+    if not path.is_file():
+        return  # the loaders below name what is missing
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError) as err:
+        where = f"line {err.lineno}: {err.msg}" if isinstance(err, json.JSONDecodeError) else f"{type(err).__name__}"
+        raise SkipGPTError(f"model.path={model_dir}: config.json is not valid JSON ({where}): restore it from the "
+                           "model's source or re-save the model with save_pretrained") from None
+    if not isinstance(data, dict):
+        raise SkipGPTError(f"model.path={model_dir}: config.json holds a {type(data).__name__}, not a Hugging Face "
+                           "model config: re-save the model with save_pretrained")
+
+
+def weights_error(where: str, err: BaseException) -> SkipGPTError:
+    """The one-line error for an unreadable (truncated, garbage) safetensors file."""
+    reason = str(err).strip().splitlines()[0][:160] if str(err).strip() else type(err).__name__
+    return SkipGPTError(f"{where} is not a readable safetensors file ({reason}): it is truncated or corrupt; copy or "
+                        "download it again")
+
+
 def load_tokenizer(model_dir: str, trust_remote_code: bool):
     from transformers import AutoTokenizer
 
+    check_model_config(model_dir)
     try:
         tokenizer = AutoTokenizer.from_pretrained(model_dir, trust_remote_code=trust_remote_code)
     except Exception as err:  # transformers raises many types for a folder without tokenizer files
@@ -37,9 +62,13 @@ def load_base_model(model_dir: str, dtype: str, trust_remote_code: bool):
         raise SkipGPTError(f"model.path={model_dir}: config.json is not a Hugging Face model config "
                            f"({type(err).__name__}: {str(err).splitlines()[0][:120]}): point model.path at a "
                            "folder saved with save_pretrained") from err
+    from safetensors import SafetensorError
+
     try:
         return AutoModelForCausalLM.from_pretrained(model_dir, dtype=DTYPES[dtype],
                                                     trust_remote_code=trust_remote_code)
+    except SafetensorError as err:
+        raise weights_error(f"a weight file of model.path={model_dir}", err) from None
     except (OSError, ValueError) as err:
         raise SkipGPTError(f"model.path={model_dir} could not be loaded ({str(err).splitlines()[0][:160]}): "
                            "check that the weight files are complete") from err
@@ -57,8 +86,18 @@ def stage1_routers_file(init_from: str) -> Path:
 def saved_router_config(routers_file: Path) -> RouterConfig:
     from safetensors import safe_open
 
-    with safe_open(str(routers_file), framework="pt") as f:
-        return RouterConfig.from_dict(json.loads(f.metadata()["skipgpt_router_config"]))
+    try:
+        with safe_open(str(routers_file), framework="pt") as f:
+            text = (f.metadata() or {}).get("skipgpt_router_config")
+    except Exception as err:  # SafetensorError for a bad header, OSError for an unreadable file
+        raise weights_error(f"router file {routers_file}", err) from None
+    if text is None:
+        raise SkipGPTError(f"router file {routers_file} has no skipgpt_router_config metadata: it was not written by "
+                           "skipgpt-dist; point at a checkpoint written by train.py")
+    try:
+        return RouterConfig.from_dict(json.loads(text))
+    except ValueError as err:  # json.JSONDecodeError is a ValueError; SkipGPTError from from_dict passes through
+        raise SkipGPTError(f"router file {routers_file} has corrupt router metadata ({err}): re-export it") from None
 
 
 def prepare_model(model, cfg, routers_file: Path | None = None):
@@ -112,6 +151,9 @@ def build_model(cfg, load_base=None):
     on the meta device). Loading must not draw from the global RNG, so routers and LoRA start from the same values
     whatever the back end (ZeRO-3's zero.Init initialises weights before loading them).
     """
+    from ..config import check_run_dir
+
+    check_run_dir(cfg.run_dir)  # a file or a read-only folder: one line now, not a traceback at the first write
     model_dir = resolve_model_path(cfg.model.path)
     routers_file = stage1_routers_file(cfg.stage.init_from) if cfg.stage.stage == 2 else None
     tokenizer = load_tokenizer(model_dir, cfg.model.trust_remote_code)

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import sys
 import time
@@ -27,6 +28,7 @@ class RunReporter:
         self.started = time.time()
         if not self.enabled:
             return
+        truncate_metrics(self.metrics_path, start_step)
         if cfg.logging.progress:
             from tqdm import tqdm
 
@@ -39,8 +41,8 @@ class RunReporter:
         if not self.enabled:
             return
         record = {"step": step, **{k: v for k, v in metrics.items() if k != "layers"}}
-        if step % self.cfg.logging.every_steps == 0 or step == self.cfg.optim.max_steps:
-            self.write({**record, "layers": metrics.get("layers")})
+        if step % self.cfg.logging.every_steps == 0 or step == self.cfg.optim.max_steps or metrics.get("skipped"):
+            self.write({**record, "layers": metrics.get("layers")})  # a skipped step is always on record
             if self.wandb is not None:
                 self.wandb.log(_wandb_payload(metrics), step=step)
         if self.bar is not None:
@@ -58,7 +60,7 @@ class RunReporter:
         if not self.enabled:
             return
         with open(self.metrics_path, "a") as fh:
-            fh.write(json.dumps(record) + "\n")
+            fh.write(json_line(record) + "\n")
 
     def eval(self, step: int, result: dict) -> None:
         if not self.enabled:
@@ -72,6 +74,49 @@ class RunReporter:
             self.bar.close()
         if self.wandb is not None:
             self.wandb.finish()
+
+
+def finite_or_none(value):
+    """Non-finite floats (NaN, +-inf) -> None, recursively: JSON has no NaN (json.dumps would write a bare `NaN`)."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: finite_or_none(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [finite_or_none(v) for v in value]
+    return value
+
+
+def json_line(record: dict) -> str:
+    """One strict-JSON line: a non-finite number is written as null."""
+    return json.dumps(finite_or_none(record), allow_nan=False)
+
+
+def truncate_metrics(path: Path, start_step: int) -> None:
+    """Drop the records of steps after `start_step` (re-run after a kill and resume; or everything, for a fresh
+    start in an old folder) and any torn last line, atomically (temp file + rename). Rank 0, before appending."""
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except FileNotFoundError:
+        return
+    except (OSError, UnicodeDecodeError):
+        lines = []
+    kept = []
+    for line in lines:
+        try:
+            record = json.loads(line)
+        except ValueError:
+            continue  # a line torn by a kill mid-write
+        if isinstance(record, dict) and isinstance(record.get("step"), int) and record["step"] <= start_step:
+            kept.append(line)
+    if len(kept) == len(lines):
+        return
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    with open(tmp, "w", encoding="utf-8") as fh:
+        fh.write("".join(line + "\n" for line in kept))
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
 
 
 def _start_wandb(cfg):

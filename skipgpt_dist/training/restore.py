@@ -6,7 +6,7 @@ from ..config import load_config
 from ..errors import SkipGPTError
 from ..routing import attach_routers, load_routers
 from .artifacts import ADAPTER_DIR
-from .model_setup import load_base_model, load_tokenizer, saved_router_config
+from .model_setup import load_base_model, load_tokenizer, saved_router_config, weights_error
 from ..assets import resolve_model_path
 
 
@@ -27,6 +27,10 @@ def load_checkpoint_model(path: str, mode: str | None = None, capacity: float | 
     adapter = checkpoint / ADAPTER_DIR
     if adapter.is_dir():
         from peft import PeftModel
+        from safetensors import SafetensorError
 
-        model = PeftModel.from_pretrained(model, str(adapter))
+        try:
+            model = PeftModel.from_pretrained(model, str(adapter))
+        except SafetensorError as err:
+            raise weights_error(f"the LoRA adapter in {adapter}", err) from None
     return model.eval(), tokenizer, cfg
