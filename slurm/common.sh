@@ -4,7 +4,13 @@
 # (first host of `scontrol show hostnames`), starts one launcher per node with srun, and turns a USR1
 # (from `--signal=B:USR1@N` before the time limit, or `scancel --signal=USR1 --batch JOB`) into
 # "every rank checkpoints at the next step boundary, exits 75, the job requeues itself"; the requeued job
-# resumes from the newest complete checkpoint (checkpoint.resume=auto).
+# resumes from the newest complete checkpoint (checkpoint.resume=auto). A step that fails on an infrastructure
+# fault (a rank killed by the OOM killer or SIGKILL, a lost node, NCCL / connection errors) is requeued too, within
+# MAX_REQUEUES and only while the run makes progress; a job failing on its own error (exit 2: bad config or
+# input; a Python exception) never is. The classification and the rule are skipgpt_dist.launch's
+# classify_failure() and requeue_decision() (`python -m skipgpt_dist.launch after-srun`); every decision after a
+# failed step is one line in the job log and one line in RUN_DIR/requeues.log. Slurm's own requeue of a job that
+# lost a node (NODE_FAIL) needs `#SBATCH --requeue`, which every stage script sets.
 #
 # The caller sets SKIPGPT_REPO, STAGE (1|2) and the defaults DEFAULT_CONFIG, DEFAULT_GPUS_PER_NODE,
 # DEFAULT_OUT_NAME, then calls `skipgpt_stage_main "$@"` (the script's arguments are extra key=value overrides). User knobs
@@ -21,7 +27,7 @@
 #   CPU_RANKS_PER_NODE  ranks per node when GPUS_PER_NODE=0 (default 1)
 #   NODES           the node count this run expects; the job fails fast if the allocation differs
 #   EXTRA           extra overrides, space-separated (e.g. "optim.max_steps=100 optim.lr=1e-3")
-#   MAX_REQUEUES    give up requeueing after this many restarts (default 20)
+#   MAX_REQUEUES    give up requeueing after this many restarts (SLURM_RESTART_COUNT; default 20)
 #   RDZV_PORT       rendezvous port (default 29500 + job id % 10000)
 #   PYTHON          python with skipgpt_dist installed (default: python)
 
@@ -137,32 +143,86 @@ skipgpt_on_signal() {
   return 0
 }
 
+SKIPGPT_SLURM_DIR=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+JOB_LOG=""; LOG_OFFSET=0   # the job log and where this run's srun output starts in it (--open-mode=append)
+
 skipgpt_requeue_or_exit() {  # $1: srun's exit code
   local rc=$1 restarts=${SLURM_RESTART_COUNT:-0}
   if [ "$rc" = 0 ]; then
     skipgpt_log "training finished: $RUN_DIR"
     exit 0
   fi
-  if [ "$GOT_TERM" = 0 ] && { [ "$rc" = 75 ] || { [ "$GOT_USR1" = 1 ] && [ "$rc" -gt 128 ]; }; }; then
-    if [ "$restarts" -ge "$MAX_REQUEUES" ]; then
+  if [ "$GOT_TERM" = 1 ]; then  # scancel, time limit, Slurm's own requeue or preemption: never requeued here
+    if [ "$rc" = 75 ]; then
+      skipgpt_log "stopped with a checkpoint on SIGTERM (not requeued by this script): resubmit to continue from $RUN_DIR"
+      exit 75
+    fi
+    echo "error: training failed with exit code $rc on job $SLURM_JOB_ID after SIGTERM (not requeued): see the lines above" >&2
+    exit "$rc"
+  fi
+  # preempted | infra | user, and whether to requeue: skipgpt_dist.launch classify_failure / requeue_decision
+  local decision args=(--rc "$rc" --job-id "$SLURM_JOB_ID" --restarts "$restarts" --max-requeues "$MAX_REQUEUES"
+                       --run-dir "$RUN_DIR")
+  [ -n "$JOB_LOG" ] && args+=(--log "$JOB_LOG" --log-offset "$LOG_OFFSET")
+  [ "$GOT_USR1" = 1 ] && args+=(--stop USR1)
+  decision=$(PYTHONPATH=${SKIPGPT_REPO:-$SKIPGPT_SLURM_DIR/..}${PYTHONPATH:+:$PYTHONPATH} \
+             "${PYTHON:-python}" -m skipgpt_dist.launch after-srun "${args[@]}" 2>/dev/null | tail -n1)
+  local action=${decision%% *} rest=${decision#* } kind reason
+  kind=${rest%% *}; reason=${rest#* }
+  case "$action:$kind" in
+    requeue:preempted)
+      skipgpt_log "stopped with a checkpoint (exit $rc): requeueing job $SLURM_JOB_ID" \
+                  "(restart $((restarts + 1)) of at most $MAX_REQUEUES)" ;;
+    requeue:infra)
+      skipgpt_log "infrastructure failure (exit $rc): $reason: requeueing job $SLURM_JOB_ID" \
+                  "(restart $((restarts + 1)) of at most $MAX_REQUEUES), resuming from the newest checkpoint of $RUN_DIR" ;;
+    exit:preempted)
       echo "error: stopped with a checkpoint but the job was already requeued $restarts times" \
            "(MAX_REQUEUES=$MAX_REQUEUES): submit it again to continue from $RUN_DIR" >&2
-      exit 75
-    fi
-    skipgpt_log "stopped with a checkpoint (exit $rc): requeueing job $SLURM_JOB_ID" \
-                "(restart $((restarts + 1)) of at most $MAX_REQUEUES)"
-    if ! scontrol requeue "$SLURM_JOB_ID"; then
-      echo "error: scontrol requeue $SLURM_JOB_ID failed: submit again to continue from $RUN_DIR" >&2
-      exit 75
-    fi
-    exit 0
-  fi
-  if [ "$rc" = 75 ]; then
-    skipgpt_log "stopped with a checkpoint on SIGTERM (not requeued by this script): resubmit to continue from $RUN_DIR"
+      exit 75 ;;
+    exit:infra)
+      echo "error: training failed on an infrastructure fault (exit $rc) on job $SLURM_JOB_ID, not requeued:" \
+           "$reason: submit it again to continue from $RUN_DIR" >&2
+      exit "$rc" ;;
+    exit:user)
+      echo "error: training failed with exit code $rc on job $SLURM_JOB_ID (the job's own error, not requeued:" \
+           "${reason% \[*}): see the lines above" >&2
+      exit "$rc" ;;
+    *)
+      echo "error: training failed with exit code $rc on job $SLURM_JOB_ID (not requeued; the requeue check" \
+           "\`$PYTHON -m skipgpt_dist.launch after-srun\` gave no answer): see the lines above" >&2
+      exit "$rc" ;;
+  esac
+  if ! scontrol requeue "$SLURM_JOB_ID"; then
+    echo "error: scontrol requeue $SLURM_JOB_ID failed: submit again to continue from $RUN_DIR" >&2
     exit 75
   fi
-  echo "error: training failed with exit code $rc on job $SLURM_JOB_ID (not requeued): see the lines above" >&2
-  exit "$rc"
+  exit 0
+}
+
+# TEST ONLY (tests/test_slurm.py): SKIPGPT_TEST_FAULT=kill_rank_after_checkpoint SIGKILLs one training rank on the
+# job's last node once the run has a complete checkpoint, on the job's first run only: what the OOM killer or a
+# lost node does to a rank. Only processes of this job (SLURM_JOB_ID in their environment) are looked at.
+skipgpt_test_fault() {
+  [ "${SKIPGPT_TEST_FAULT:-}" = kill_rank_after_checkpoint ] && [ "${SLURM_RESTART_COUNT:-0}" = 0 ] || return 0
+  local node=$((SLURM_NNODES - 1))
+  (
+    while [ -d "/proc/$SRUN_PID" ]; do
+      if grep -qs '"complete": true' "$RUN_DIR"/checkpoints/step_*/trainer_state.json; then
+        for env in /proc/[0-9]*/environ; do
+          grep -qzx "SLURM_JOB_ID=$SLURM_JOB_ID" "$env" 2>/dev/null || continue
+          grep -qzx "SLURM_NODEID=$node" "$env" 2>/dev/null && grep -qzx "LOCAL_RANK=0" "$env" 2>/dev/null || continue
+          pid=${env#/proc/}; pid=${pid%/environ}
+          grep -qa train.py "/proc/$pid/cmdline" 2>/dev/null || continue
+          # the rank itself, not a worker it forked: its parent (torchrun's agent) has no LOCAL_RANK
+          grep -qzx "LOCAL_RANK=0" "/proc/$(awk '{print $4}' "/proc/$pid/stat" 2>/dev/null)/environ" 2>/dev/null && continue
+          skipgpt_log "test fault: SIGKILL to training rank pid $pid on node $node"
+          kill -KILL "$pid" 2>/dev/null && exit 0
+        done
+      fi
+      sleep 0.2
+    done
+  ) &
 }
 
 skipgpt_stage_main() {
@@ -183,6 +243,7 @@ skipgpt_stage_main() {
               "$SLURM_NNODES node(s) [${nodes% }] x $NPROC_PER_NODE rank(s), backend $BACKEND," \
               "rendezvous $host:$RDZV_PORT, run_dir $RUN_DIR"
   if [ "$GOT_USR1" = 1 ] || [ "$GOT_TERM" = 1 ]; then skipgpt_requeue_or_exit 75; fi
+  if [ -f "$log" ]; then JOB_LOG=$log; LOG_OFFSET=$(stat -c %s "$log" 2>/dev/null || echo 0); fi
   # --kill-on-bad-exit: a node whose launcher fails ends the step at once, instead of leaving the other nodes
   # waiting in a collective until the NCCL/gloo timeout burns the allocation.
   srun --nodes="$SLURM_NNODES" --ntasks-per-node=1 --cpus-per-task="${SLURM_CPUS_ON_NODE:-1}" --kill-on-bad-exit=1 \
@@ -191,6 +252,7 @@ skipgpt_stage_main() {
       --rdzv_backend c10d --rdzv_endpoint "$host:$RDZV_PORT" --rdzv_id "$SLURM_JOB_ID" \
       "$SKIPGPT_REPO/train.py" "${TRAIN_ARGS[@]}" &
   SRUN_PID=$!
+  skipgpt_test_fault
   local rc
   while :; do
     INTERRUPTED=0

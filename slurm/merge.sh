@@ -12,6 +12,7 @@
 #SBATCH --exclusive
 #SBATCH --mem=0
 #SBATCH --time=04:00:00
+#SBATCH --requeue
 #SBATCH --open-mode=append
 #SBATCH --output=%x-%j.out
 if [ -n "${SLURM_JOB_ID:-}" ]; then  # sbatch runs a spooled copy of this file: ask Slurm where the original is

@@ -1,6 +1,7 @@
 """Slurm: slurm/*.sh and skipgpt_dist.launch on a real 2-node Slurm 22.05 cluster (tests/slurm/start.sh).
 
-The long jobs (two 2-node trainings, the pipeline, submitit) are all submitted at once by one module fixture,
+The long jobs (three 2-node trainings: uninterrupted, preempted, a rank SIGKILLed; a 1-node job failing on its
+own error; the pipeline, submitit) are all submitted at once by one module fixture,
 so they share the cluster's queue while the tests check them one by one; the emulated nodes declare 8 CPUs each
 so nothing waits for a slot. Each job writes to its own fresh output folder. The whole file takes ~2.5 minutes on
 2 idle cores (~4 under load); `-m "not slow"` leaves the ~20 s of quick checks. Without Slurm and without a way to
@@ -171,13 +172,23 @@ def jobs(slurm_env, tiny, tmp_path_factory):
     env = slurm_env
     two_nodes = ["--nodes", "2", *TEST_SBATCH]
     out = {name: tmp_path_factory.mktemp(name) for name in ("reference", "preempted", "pipeline",
-                                                              "pipeline_fail", "submitit")}
+                                                              "pipeline_fail", "submitit", "rank_killed",
+                                                              "own_error")}
     steps = f"optim.max_steps={MAX_STEPS}"
     submitted = {"out": out}
     submitted["reference"] = sbatch(env, "slurm/stage1_70b.sh", *overrides, steps, sbatch_args=two_nodes,
                                     OUT=out["reference"], **knobs)
     submitted["preempted"] = sbatch(env, "slurm/stage1_70b.sh", *overrides, steps, sbatch_args=two_nodes,
                                     OUT=out["preempted"], **knobs)
+    # a training rank SIGKILLed once the first checkpoint is complete (what the OOM killer or a lost node does)
+    submitted["rank_killed"] = sbatch(env, "slurm/stage1_70b.sh", *overrides, steps, sbatch_args=two_nodes,
+                                      OUT=out["rank_killed"], SKIPGPT_TEST_FAULT="kill_rank_after_checkpoint",
+                                      **knobs)
+    # train.py exits 2 with one line (a training file that passes preflight but holds no text): the job's own error
+    blank = out["own_error"] / "blank.txt"
+    blank.write_text("\n  \n")
+    submitted["own_error"] = sbatch(env, "slurm/stage1_70b.sh", *overrides, steps, f"data.train_files=[{blank}]",
+                                    sbatch_args=["--nodes", "1", *TEST_SBATCH], OUT=out["own_error"], **knobs)
     preempter = Preempter(env, submitted["preempted"], out["preempted"] / "stage1")
     preempter.start()
     submitted["preempter"] = preempter
@@ -344,6 +355,44 @@ def test_preempted_job_requeues_and_ends_with_the_same_routers(jobs, slurm_env):
     assert reference.keys() == resumed_routers.keys()
     for name, tensor in reference.items():
         assert torch.equal(tensor, resumed_routers[name]), name
+
+
+@pytest.mark.slow
+def test_rank_killed_mid_run_is_requeued_and_ends_with_the_same_routers(jobs, slurm_env):
+    """An infrastructure failure (a rank SIGKILLed after the first checkpoint): the script requeues the job, logs
+    why (job log + run_dir/requeues.log), the rerun resumes from the checkpoint and ends as an uninterrupted run."""
+    out, job = jobs["out"]["rank_killed"], jobs["rank_killed"]
+    info = wait_job(slurm_env, job)
+    log = log_of(out, job)
+    assert info["JobState"] == "COMPLETED" and info["Restarts"] == "1", (info, log[-3000:])
+    assert "test fault: SIGKILL to training rank" in log, log[-3000:]
+    reasons = [line for line in log.splitlines() if "infrastructure failure (exit" in line]
+    assert len(reasons) == 1 and "requeueing job" in reasons[0], log[-3000:]
+    rows = (out / "stage1" / "requeues.log").read_text().splitlines()
+    assert len(rows) == 1 and f"job={job} restart=0 action=requeue kind=infra" in rows[0], rows
+    assert "checkpoint_step=none" not in rows[0], rows
+    resumed = re.search(r"resumed from \S+ at step (\d+)", log)
+    assert resumed and 0 < int(resumed.group(1)) < MAX_STEPS, log[-3000:]
+    wait_job(slurm_env, jobs["reference"])
+    reference = final_routers(jobs["out"]["reference"] / "stage1", MAX_STEPS)
+    resumed_routers = final_routers(out / "stage1", MAX_STEPS)
+    assert reference.keys() == resumed_routers.keys()
+    for name, tensor in reference.items():
+        assert torch.equal(tensor, resumed_routers[name]), name
+
+
+@pytest.mark.slow
+def test_job_failing_on_its_own_error_is_not_requeued(jobs, slurm_env):
+    out, job = jobs["out"]["own_error"], jobs["own_error"]
+    info = wait_job(slurm_env, job, timeout=180)
+    log = log_of(out, job)
+    assert info["JobState"] == "FAILED" and info["ExitCode"] == "2:0" and info["Restarts"] == "0", (info, log[-3000:])
+    errors = error_lines(log)  # train.py's one line, then the script's
+    assert len(errors) == 2 and "holds no text" in errors[0], log[-3000:]
+    assert errors[1].startswith("error: training failed with exit code 2") and "not requeued" in errors[1]
+    assert "requeueing job" not in log
+    rows = (out / "stage1" / "requeues.log").read_text().splitlines()
+    assert len(rows) == 1 and "action=exit kind=user srun_exit=2" in rows[0], rows
 
 
 @pytest.mark.slow
