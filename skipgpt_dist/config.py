@@ -22,6 +22,9 @@ from .errors import SkipGPTError, read_user_file
 from .routing.config import RouterConfig
 
 
+FP32_MAX = 3.4028234663852886e38  # the largest finite float32
+
+
 def _num(default, *, ge=None, gt=None, le=None, lt=None):
     """A numeric field with an allowed range (checked on construction)."""
     return field(default=default, metadata={"ge": ge, "gt": gt, "le": le, "lt": lt})
@@ -76,8 +79,9 @@ class DataConfig(_Section):
     train_files: list[str] = _list("builtin:shakespeare-train", nonempty=True)
     # Held-out text for eval perplexity, same forms as train_files.
     eval_files: list[str] = _list("builtin:shakespeare-eval")
-    # File format; `auto` picks it from each file's extension.
-    format: str = _choice("auto", ("auto", "jsonl", "parquet", "text", "dataset"))
+    # File format; `auto` picks it from each file's extension, and reads a folder holding manifest.json (written by
+    # tools/prepare_data.py) as token shards read lazily; `shards` requires train_files to be such a folder.
+    format: str = _choice("auto", ("auto", "jsonl", "parquet", "text", "dataset", "shards"))
     # Field holding the text in jsonl / parquet / dataset records.
     text_field: str = "text"
     # Tokens per packed training sequence.
@@ -86,6 +90,9 @@ class DataConfig(_Section):
     eval_sequences: int = _num(16, ge=1)
     # Seed of the data order; null -> the top-level `seed`.
     shuffle_seed: Optional[int] = None
+    # Raw files only: tokenise them into token shards under run_dir/data_cache first (local rank 0 of each node;
+    # the node's other ranks poll for the manifest, no collective), then read those lazily like prepared shards.
+    cache_shards: bool = False
 
 
 @dataclass
@@ -112,12 +119,20 @@ class OptimConfig(_Section):
     # End this run at this step with a checkpoint, although the schedules span max_steps (for time-boxed jobs;
     # the next run resumes from it). null = run to max_steps.
     stop_at_step: Optional[int] = _num(None, ge=1)
+    # A step whose loss or gradient norm is not finite (on any rank) is skipped: no update, optimiser state
+    # untouched, the LR schedule still advances. This many skipped steps in a row end the run with an error.
+    max_bad_steps: int = _num(5, ge=1)
 
     def validate(self):
         super().validate()
         if not all(0.0 <= b < 1.0 for b in self.betas):
             raise SkipGPTError(f"optim.betas={list(self.betas)} is out of range: use two numbers in [0, 1), "
                                "e.g. [0.9, 0.95]")
+        for key in ("lr", "eps", "weight_decay"):  # the optimiser computes in fp32: 1e39 would overflow to inf
+            value = getattr(self, key)
+            if abs(value) > FP32_MAX:
+                raise SkipGPTError(f"optim.{key}={value!r} overflows fp32 (max {FP32_MAX:.4g}): use a far smaller "
+                                   "value, e.g. optim.lr=1e-3")
         return self
 
 
@@ -251,6 +266,25 @@ class TrainConfig(_Section):
     def global_batch_size(self, world_size: int) -> int:
         """Sequences per optimiser step over all ranks."""
         return self.optim.micro_batch_size * self.optim.grad_accum_steps * world_size
+
+
+def check_run_dir(run_dir: str) -> None:
+    """A training run's folder must be a directory it can write (or creatable in a writable one). Checked before
+    the model loads and before anything is written; not part of validate(), since a checkpoint's saved config is
+    also loaded read-only (tools) where its run_dir need not exist."""
+    path = Path(run_dir)
+    if path.exists() and not path.is_dir():
+        raise SkipGPTError(f"run_dir={run_dir} is a file, not a folder: give a folder path (it is created if "
+                           "missing)")
+    existing = path
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise SkipGPTError(f"run_dir={run_dir} cannot be created: {existing} is a file, not a folder")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        where = "" if existing == path else f" (its nearest existing parent {existing} is not)"
+        raise SkipGPTError(f"run_dir={run_dir} is not writable{where}: choose a folder this user can write, or fix "
+                           "its permissions (or a read-only mount)")
 
 
 # ---------------------------------------------------------------- type coercion and checks

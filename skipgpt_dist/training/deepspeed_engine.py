@@ -259,7 +259,42 @@ class DeepSpeedEngine(Engine):
         self._micro = 0
         norm = self.model.get_global_grad_norm()
         norm = float(norm) if norm is not None else float("nan")
-        return {"grad_norm": norm, "lr": lr}
+        if not self.model.was_step_applied():
+            # DeepSpeed's own overflow check (ZeRO-1/2/3 in fp32, ZeRO-3 in bf16, bf16.check_grad_overflow) saw a
+            # non-finite gradient norm and skipped the update, and with it the LR schedule: advance that here.
+            self._advance_schedule()
+            return {"grad_norm": norm if not math.isfinite(norm) else float("inf"), "lr": lr, "skipped": True}
+        # (A non-finite norm that DeepSpeed applied anyway, bf16 ZeRO-1/2 without bf16.check_grad_overflow, is
+        # counted as a bad step by the loop; the checkpoint guard keeps it out of every checkpoint.)
+        return {"grad_norm": norm, "lr": lr, "skipped": False}
+
+    def skip_step(self) -> dict:
+        """Engine.skip_step. DeepSpeed must still step at the accumulation boundary (its micro/global step counters,
+        gradient buffers and ZeRO partition bookkeeping are reset there), so model.step() runs as usual with the
+        innermost torch optimiser's step() made a no-op for that one call: the fp32 master partitions and the Adam
+        moments and step count are left exactly as they were, and the bit16 / partitioned parameters are re-copied
+        from those unchanged masters. DeepSpeed steps our LambdaLR itself unless its overflow check fired (NaN
+        gradients), in which case we advance it, so the schedule moves exactly once either way."""
+        if self._micro != self.accum or not self.model.is_gradient_accumulation_boundary():
+            raise RuntimeError(f"DeepSpeedEngine.skip_step after {self._micro} backward calls, expected {self.accum}")
+        lr = self.optimizer.param_groups[0]["lr"]
+        inner = self.optimizer
+        while hasattr(inner, "optimizer"):
+            inner = inner.optimizer  # ZeRO wrapper -> the torch AdamW over the fp32 partitions
+        inner.step = lambda *args, **kwargs: None  # instance attribute: shadows the class method for this call
+        try:
+            self.model.step()
+        finally:
+            del inner.step
+        self._micro = 0
+        if not self.model.was_step_applied():
+            self._advance_schedule()
+        return {"grad_norm": float("nan"), "lr": lr, "skipped": True}
+
+    def _advance_schedule(self) -> None:
+        from .engine import advance_schedule
+
+        advance_schedule(self.scheduler)
 
     # ------------------------------------------------------------ checkpoints
 
@@ -307,6 +342,89 @@ class DeepSpeedEngine(Engine):
         else:
             out.update({n: p.detach().cpu().clone() for n, p in rest})
         return out
+
+    # ------------------------------------------------------------ portable state (any back end, any world size)
+
+    def _portable_params(self) -> dict:
+        from . import portable
+
+        return portable.portable_names((n, p) for n, p in self.model.module.named_parameters() if p.requires_grad)
+
+    def _fp32_partitions(self):
+        """The flat fp32 partitions DeepSpeed's inner torch AdamW steps (None: the optimiser is a torch one)."""
+        if self.stage == 3:
+            return list(self.optimizer.fp32_partitioned_groups_flat)
+        if hasattr(self.optimizer, "single_partition_of_fp32_groups"):
+            return list(self.optimizer.single_partition_of_fp32_groups)
+        return None
+
+    def save_portable(self, folder: Path) -> None:
+        """Full fp32 master weights and AdamW moments via deepspeed.utils.safe_get_full_* (collective, every rank,
+        the same order); rank 0 writes."""
+        from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_optimizer_state
+
+        from . import portable
+
+        named, flats = self._portable_params(), self._fp32_partitions()
+        layout = portable.run_layout(self, self.cfg)
+        if flats is None:
+            portable.save_torch(folder, named, self.optimizer, self.scheduler, layout)
+            return
+        inner = self.optimizer.optimizer
+        started = all("step" in inner.state.get(flat, {}) for flat in flats)
+        if started and hasattr(self.optimizer, "_lazy_init_hp_params_optimizer_state"):
+            self.optimizer._lazy_init_hp_params_optimizer_state()  # ZeRO-1/2: link the moments to the params
+        step = int(float(inner.state[flats[0]]["step"])) if started else None
+        params, states, steps = {}, {key: {} for key in portable.STATE_KEYS}, {}
+        for name, param in named.items():
+            params[name] = safe_get_full_fp32_param(param).detach().cpu()
+            if started:
+                steps[name] = step
+                for key in portable.STATE_KEYS:
+                    states[key][name] = safe_get_full_optimizer_state(param, key).detach().cpu()
+        if D.is_main():
+            portable.write(folder, params, states, steps, self.scheduler, layout)
+
+    def load_portable(self, folder: Path) -> None:
+        """Master weights and moments via safe_set_full_* (each rank keeps its partition), the working copy the
+        forward reads (ZeRO-3: gathered, set, re-partitioned; ZeRO-1/2: the replica), step counts and schedule."""
+        from deepspeed.utils import safe_set_full_fp32_param, safe_set_full_optimizer_state
+
+        from . import portable
+
+        named, flats = self._portable_params(), self._fp32_partitions()
+        if flats is None:
+            portable.load_torch(folder, named, self.optimizer, self.scheduler)
+            return
+        params, states, meta = portable.read(folder)
+        portable.check_names(folder, named, params)
+        steps = set(meta["steps"].values())
+        inner = self.optimizer.optimizer
+        if steps:  # AdamW creates its state lazily at the first step: create it, then fill it
+            for flat in flats:
+                inner.state[flat] = {"step": torch.tensor(float(max(steps)), dtype=torch.float32),
+                                     "exp_avg": torch.zeros_like(flat), "exp_avg_sq": torch.zeros_like(flat)}
+            if hasattr(self.optimizer, "_lazy_init_hp_params_optimizer_state"):
+                self.optimizer._hp_optimizer_states_linked = False
+                self.optimizer._lazy_init_hp_params_optimizer_state()
+        with torch.no_grad():
+            for name, param in named.items():
+                value = params[name]
+                safe_set_full_fp32_param(param, value)
+                if steps:
+                    for key in portable.STATE_KEYS:
+                        safe_set_full_optimizer_state(param, states[key][name], key)
+                if self.stage == 3:
+                    import deepspeed
+
+                    with deepspeed.zero.GatheredParameters([param], modifier_rank=0):
+                        param.data.copy_(value.to(param.device, param.dtype).view_as(param.data))
+                else:
+                    param.data.copy_(value.to(param.device, param.dtype))
+        portable.load_scheduler(self.scheduler, meta)
+        done = int(meta["scheduler"].get("last_epoch", 0))
+        self.model.global_steps = done
+        self.model.global_samples = done * self.model.train_batch_size()
 
     def held_parameter_elements(self) -> int:
         """Parameter elements this rank stores: ZeRO-3 partitions plus any full copies it keeps (persistent small

@@ -27,7 +27,16 @@ class Engine:
     def backward(self, loss: torch.Tensor) -> None:  # loss: mean over this rank's micro-batch
         raise NotImplementedError
 
-    def step(self) -> dict:  # clip, optimiser step, schedule step, zero grads -> {"grad_norm", "lr"}
+    def step(self) -> dict:
+        """Clip, optimiser step, schedule step, zero grads -> {"grad_norm", "lr", "skipped"}. A non-finite global
+        gradient norm (the same on every rank) is not applied: the step is skipped as by skip_step."""
+        raise NotImplementedError
+
+    def skip_step(self) -> dict:
+        """End this optimiser step without an update (the loop saw a non-finite loss on some rank): gradients are
+        dropped, parameters and optimiser state (moments, step count) stay as they are, the LR schedule still
+        advances one step (so it stays aligned with the data) -> {"grad_norm": nan, "lr", "skipped": True}.
+        Called on every rank, in place of step()."""
         raise NotImplementedError
 
     def save(self, folder: Path) -> None:  # called on every rank
@@ -40,6 +49,15 @@ class Engine:
         """Full (unsharded) CPU copies of matching parameters; complete on rank 0. Called on every rank."""
         raise NotImplementedError
 
+    def save_portable(self, folder: Path) -> None:
+        """The trainable parameters and their AdamW state as full fp32 tensors under back-end-independent names,
+        plus steps and LR schedule (training/portable.py). Called on every rank (gathering); rank 0 writes."""
+        raise NotImplementedError
+
+    def load_portable(self, folder: Path) -> None:
+        """Inverse of save_portable from any back end, world size or ZeRO stage. Called on every rank."""
+        raise NotImplementedError
+
 
 def build_optimizer(params, optim_cfg) -> torch.optim.Optimizer:
     return torch.optim.AdamW(params, lr=optim_cfg.lr, betas=tuple(optim_cfg.betas), eps=optim_cfg.eps,
@@ -49,6 +67,16 @@ def build_optimizer(params, optim_cfg) -> torch.optim.Optimizer:
 def build_scheduler(optimizer, optim_cfg) -> torch.optim.lr_scheduler.LambdaLR:
     return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(
         step, optim_cfg.warmup_steps, optim_cfg.max_steps, optim_cfg.schedule, optim_cfg.min_lr_ratio))
+
+
+def advance_schedule(scheduler) -> None:
+    """One LR-schedule step without an optimiser step (a skipped step); silences torch's "scheduler before
+    optimizer" warning, which is expected when the very first step is skipped."""
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step\\(\\)`")
+        scheduler.step()
 
 
 def to_local_device(model: torch.nn.Module) -> torch.nn.Module:
@@ -82,11 +110,19 @@ class LocalEngine(Engine):
         params = list(self.params.values())
         clip = self.cfg.optim.grad_clip
         norm = torch.nn.utils.clip_grad_norm_(params, clip if clip > 0 else float("inf"))
+        if not torch.isfinite(norm):  # NaN/inf gradients: never applied
+            return self.skip_step(float(norm))
         lr = self.optimizer.param_groups[0]["lr"]
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
-        return {"grad_norm": float(norm), "lr": lr}
+        return {"grad_norm": float(norm), "lr": lr, "skipped": False}
+
+    def skip_step(self, grad_norm: float = float("nan")) -> dict:
+        lr = self.optimizer.param_groups[0]["lr"]
+        self.optimizer.zero_grad(set_to_none=True)
+        advance_schedule(self.scheduler)
+        return {"grad_norm": grad_norm, "lr": lr, "skipped": True}
 
     def save(self, folder: Path) -> None:
         save_file({n: p.detach().cpu().contiguous() for n, p in self.params.items()}, str(folder / TRAINABLE_FILE))
@@ -108,3 +144,14 @@ class LocalEngine(Engine):
 
     def gather_params(self, predicate):
         return {n: p.detach().cpu().clone() for n, p in self.model.named_parameters() if predicate(n)}
+
+    def save_portable(self, folder: Path) -> None:
+        from . import portable
+
+        portable.save_torch(folder, portable.portable_names(self.params.items()), self.optimizer, self.scheduler,
+                            portable.run_layout(self, self.cfg))
+
+    def load_portable(self, folder: Path) -> None:
+        from . import portable
+
+        portable.load_torch(folder, portable.portable_names(self.params.items()), self.optimizer, self.scheduler)

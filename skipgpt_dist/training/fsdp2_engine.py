@@ -89,15 +89,30 @@ def load_base_on_meta(model_dir: str, dtype: str, trust_remote_code: bool):
 
 
 def weight_files(model_dir: str) -> list[str]:
+    from safetensors import safe_open
+
+    from .model_setup import weights_error
+
     folder = Path(model_dir)
     index = folder / "model.safetensors.index.json"
     if index.is_file():
-        names = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        try:
+            names = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        except (OSError, ValueError, KeyError, TypeError, AttributeError) as err:
+            raise SkipGPTError(f"model.path={model_dir}: {index.name} is not a valid safetensors index "
+                               f"({type(err).__name__}): restore it or re-save the model with "
+                               "save_pretrained") from None
     else:
         names = sorted(p.name for p in folder.glob("*.safetensors"))
     if not names:
         raise SkipGPTError(f"model.path={model_dir} has no .safetensors weights: FSDP2 loads safetensors shard by "
                            "shard; re-save the model with save_pretrained(safe_serialization=True)")
+    for name in names:  # headers only (cheap): a truncated or garbage file fails here, before anything is built
+        try:
+            with safe_open(str(folder / name), framework="pt") as f:
+                f.keys()
+        except Exception as err:  # SafetensorError (bad header / truncated), OSError (missing, unreadable)
+            raise weights_error(f"{name} of model.path={model_dir}", err) from None
     return [str(folder / n) for n in names]
 
 
@@ -304,6 +319,8 @@ class FSDP2Engine(Engine):
         norm = torch.nn.utils.get_total_norm(grads, foreach=True)
         if isinstance(norm, DTensor):
             norm = norm.full_tensor()
+        if not torch.isfinite(norm):  # the global norm, equal on every rank: every rank skips together
+            return self.skip_step(float(norm))
         clip = self.cfg.optim.grad_clip
         if clip > 0:
             torch.nn.utils.clip_grads_with_norm_(self.params, clip, norm, foreach=True)
@@ -312,7 +329,17 @@ class FSDP2Engine(Engine):
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         self._micro = 0
-        return {"grad_norm": float(norm), "lr": lr}
+        return {"grad_norm": float(norm), "lr": lr, "skipped": False}
+
+    def skip_step(self, grad_norm: float = float("nan")) -> dict:
+        """No optimiser step: drop the (already reduce-scattered) gradients, advance the schedule (Engine.skip_step)."""
+        from .engine import advance_schedule
+
+        lr = self.optimizer.param_groups[0]["lr"]
+        self.optimizer.zero_grad(set_to_none=True)
+        advance_schedule(self.scheduler)
+        self._micro = 0
+        return {"grad_norm": grad_norm, "lr": lr, "skipped": True}
 
     # ------------------------------------------------------------ checkpoints (DCP, reshardable)
 
@@ -339,10 +366,14 @@ class FSDP2Engine(Engine):
         if not (folder / DCP_DIR / ".metadata").is_file() or not (folder / SCHEDULER_FILE).is_file():
             raise SkipGPTError(f"checkpoint {folder} has no FSDP2 state ({DCP_DIR}/, {SCHEDULER_FILE}): it was not "
                                "written by parallel.backend=fsdp2; resume with the back end that wrote it")
+        from torch.distributed.checkpoint.api import CheckpointException
+
         state, _ = self._state()
+        # The loop verified every file against trainer_state.json before this (checkpoint.verify_checkpoint), so
+        # the pickled dcp/.metadata read here is the one this project wrote.
         try:
             dcp.load(state, checkpoint_id=str(folder / DCP_DIR))
-        except Exception as err:  # DCP wraps a missing key in a CheckpointException naming every rank
+        except (Exception, CheckpointException) as err:  # CheckpointException is a BaseException, naming every rank
             first = str(err).strip().splitlines()[0][:200] if str(err).strip() else type(err).__name__
             raise SkipGPTError(f"checkpoint {folder} does not match this model ({first}): resume with the stage "
                                "and config that wrote it") from err
@@ -364,6 +395,26 @@ class FSDP2Engine(Engine):
                 full = param.full_tensor() if isinstance(param, DTensor) else param
                 out[name] = full.detach().cpu().clone()
         return out
+
+    # ------------------------------------------------------------ portable state (any back end, any world size)
+
+    def _portable_params(self) -> dict:
+        from . import portable
+
+        return portable.portable_names((n, p) for n, p in self.model.named_parameters() if p.requires_grad)
+
+    def save_portable(self, folder: Path) -> None:
+        """Full tensors via DTensor.full_tensor() (collective, every rank); rank 0 writes."""
+        from . import portable
+
+        portable.save_torch(folder, self._portable_params(), self.optimizer, self.scheduler,
+                            portable.run_layout(self, self.cfg))
+
+    def load_portable(self, folder: Path) -> None:
+        """Every rank reads the full tensors and keeps its own shard (distribute_tensor without communication)."""
+        from . import portable
+
+        portable.load_torch(folder, self._portable_params(), self.optimizer, self.scheduler)
 
     def held_parameter_elements(self) -> int:
         from torch.distributed.tensor import DTensor
