@@ -92,7 +92,8 @@ class DataConfig(_Section):
     shuffle_seed: Optional[int] = None
     # Raw files only: tokenise them into token shards under run_dir/data_cache first (local rank 0 of each node;
     # the node's other ranks poll for the manifest, no collective), then read those lazily like prepared shards.
-    cache_shards: bool = False
+    # null (default): on when the run has several ranks (no rank waits in a collective while another tokenises).
+    cache_shards: Optional[bool] = None
 
 
 @dataclass

@@ -72,8 +72,12 @@ def build_data(cfg, tokenizer):
     d = cfg.data
     eval_format = "auto" if d.format == "shards" else d.format  # data.format=shards names the training data
 
+    # Several ranks: raw files become shards first, so no rank waits in a collective (an NCCL watchdog kills a
+    # barrier after 10 minutes) while another tokenises a big corpus.
+    cache = d.cache_shards if d.cache_shards is not None else D.world_size() > 1
+
     def load(files, fmt, key):
-        if d.cache_shards and shard_folder(files, fmt, key) is None:  # raw files -> shards in the run's cache
+        if cache and shard_folder(files, fmt, key) is None:  # raw files -> shards in the run's cache
             local = int(os.environ.get("LOCAL_RANK", os.environ.get("SLURM_LOCALID", 0)))
             files = [cached_shards(files, os.path.join(cfg.run_dir, "data_cache"), tokenizer, fmt, d.text_field,
                                    key, local_rank=local, num_proc=max(1, min(16, (os.cpu_count() or 2) - 1)),
@@ -87,7 +91,7 @@ def build_data(cfg, tokenizer):
         packed = load(d.eval_files, eval_format, "data.eval_files")
         return train, eval_sequences(packed, min(len(packed), d.eval_sequences))
 
-    sharded = d.cache_shards or shard_folder(d.train_files, d.format, "data.train_files") is not None and (
+    sharded = cache or shard_folder(d.train_files, d.format, "data.train_files") is not None and (
         not d.eval_files or shard_folder(d.eval_files, eval_format, "data.eval_files") is not None)
     if sharded:
         train, held_out = load_all()
