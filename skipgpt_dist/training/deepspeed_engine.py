@@ -19,7 +19,8 @@ one process on the global batch. Between micro-batches DeepSpeed's own step() is
 boundary (it only counts micro-steps there), which keeps its boundary bookkeeping aligned with ours.
 
 Checkpoints are DeepSpeed's own (save_checkpoint / load_checkpoint, trainable parameters only, frozen base weights
-come from model.path again); they resume only on the same number of ranks and ZeRO stage.
+come from model.path again); natively they resume only on the same number of ranks and ZeRO stage, and through
+the checkpoint's portable state (training/portable.py) on any other layout or back end.
 """
 from __future__ import annotations
 
