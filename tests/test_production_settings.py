@@ -198,7 +198,9 @@ F.load_into_shards(odd, {"dir": out_dir, "files": [os.path.join(out_dir, "odd.sa
 report["odd"] = {k: {"numel": v.numel(), "rows": v.shape[0], "read": READ.get(k, 0),
                      "local_rows": getattr(odd, k).to_local().shape[0],
                      "same": bool(torch.equal(getattr(odd, k).full_tensor(), v))} for k, v in weights.items()}
-print("RESULT " + json.dumps(report), flush=True)
+# one file per rank: two ranks' ~4 KB lines on one stdout pipe can splice into each other (writes over PIPE_BUF)
+with open(os.path.join(out_dir, f"report_{report['rank']}.json"), "w") as f:
+    json.dump(report, f)
 dist.destroy_process_group()
 '''
 
@@ -210,7 +212,7 @@ def test_fsdp2_loader_reads_only_each_ranks_rows(tmp_path, tiny_model_dir):
                            str(script), tiny_model_dir, str(tmp_path)], cwd=REPO,
                           env=child_env({"REPO": str(REPO)}), capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
-    reports = [json.loads(line.split("RESULT ", 1)[1]) for line in proc.stdout.splitlines() if "RESULT " in line]
+    reports = [json.loads(path.read_text()) for path in sorted(tmp_path.glob("report_*.json"))]
     assert sorted(r["rank"] for r in reports) == [0, 1]
     world = 2
     for part in ("tiny", "odd"):
