@@ -276,6 +276,7 @@ def test_ds_config_auto_values_come_from_the_project_config(tmp_path):
     ds = resolve_ds_config(cfg, world_size=2)
     assert ds["train_micro_batch_size_per_gpu"] == 4 and ds["gradient_accumulation_steps"] == 3
     assert ds["train_batch_size"] == 24 and ds["gradient_clipping"] == 0.5 and ds["bf16"]["enabled"] is True
+    assert ds["bf16"]["check_grad_overflow"] is True  # bf16 ZeRO-1/2 would otherwise apply a NaN update
     params = ds["optimizer"]["params"]
     assert params["lr"] == 2e-4 and params["betas"] == [0.9, 0.95] and params["torch_adam"] is True
     assert ds["zero_optimization"]["offload_param"]["device"] == "cpu"

@@ -137,6 +137,9 @@ def resolve_ds_config(cfg, world_size: int) -> dict:
     if not isinstance(bf16, dict):
         raise SkipGPTError('ds_config bf16 must be an object such as {"enabled": "auto"}')
     _fill(bf16, "enabled", cfg.parallel.mixed_precision == "bf16", "(parallel.mixed_precision == bf16)", "bf16.")
+    # Without it, bf16 ZeRO-1/2 applies an update whose gradient norm is NaN/inf before the loop's guard sees it
+    # (ZeRO-3 and fp32 check already); the loop then skips the step like any other non-finite one.
+    bf16.setdefault("check_grad_overflow", True)
     if (ds.get("fp16") or {}).get("enabled") in (True, "auto"):
         raise SkipGPTError("ds_config fp16.enabled is not supported (no loss scaling in this project): remove the "
                            "fp16 section and use parallel.mixed_precision=bf16")
