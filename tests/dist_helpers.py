@@ -114,6 +114,15 @@ ZERO3_CPU_TEST_OVERRIDES = {
 }
 
 
+def play_snippets(root: Path, train_chars: int, eval_chars: int) -> dict[str, list[str]]:
+    """{"train": 2 files, "eval": 1 file} cut from the builtin plays' train / eval split (small runs' data)."""
+    from skipgpt_dist.assets import shakespeare_files
+
+    root = Path(root)
+    return {"train": write_text_files(root / "train", shakespeare_files("train"), chars=train_chars, count=2),
+            "eval": write_text_files(root / "eval", shakespeare_files("eval"), chars=eval_chars, count=1)}
+
+
 def zero3_all_sharded(folder: Path, base: str | Path = REPO / "ds_configs" / "zero3.json") -> Path:
     """The production ZeRO-3 config (ds_configs/zero3.json unless told) with ZERO3_CPU_TEST_OVERRIDES: every
     parameter partitioned, even tiny ones, and the CPU tests' deterministic settings."""

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from dist_helpers import train, write_text_files
+from dist_helpers import play_snippets, train
 from skipgpt_dist import checkpoint as C
 from skipgpt_dist.checkpoint import CheckpointManager, RunLock, step_dir_name, verify_checkpoint
 from skipgpt_dist.config import load_config
@@ -25,11 +25,7 @@ STEPS = ["optim.max_steps=8", "checkpoint.every_steps=2", "checkpoint.keep_last=
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
-    from skipgpt_dist.assets import shakespeare_files
-
-    root = tmp_path_factory.mktemp("integrity_data")
-    return {"train": write_text_files(root / "train", shakespeare_files("train"), chars=6000, count=2),
-            "eval": write_text_files(root / "eval", shakespeare_files("eval"), chars=2000, count=1)}
+    return play_snippets(tmp_path_factory.mktemp("integrity_data"), train_chars=6000, eval_chars=2000)
 
 
 def overrides(model_dir, data, run_dir, *extra):

@@ -19,7 +19,7 @@ import torch
 from safetensors.torch import load_file
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from dist_helpers import REPO, child_env, train, write_text_files, zero3_all_sharded  # noqa: E402
+from dist_helpers import REPO, child_env, play_snippets, train, zero3_all_sharded  # noqa: E402
 
 from skipgpt_dist.config import check_run_dir, load_config  # noqa: E402
 from skipgpt_dist.errors import SkipGPTError  # noqa: E402
@@ -42,11 +42,7 @@ def records(run_dir) -> list[dict]:
 
 @pytest.fixture(scope="module")
 def files(tmp_path_factory):
-    from skipgpt_dist.assets import shakespeare_files
-
-    root = tmp_path_factory.mktemp("fault_text")
-    return {"train": write_text_files(root / "train", shakespeare_files("train"), chars=8000, count=2),
-            "eval": write_text_files(root / "eval", shakespeare_files("eval"), chars=3000, count=1)}
+    return play_snippets(tmp_path_factory.mktemp("fault_text"), train_chars=8000, eval_chars=3000)
 
 
 def overrides(model_dir, files, run_dir, *extra):

@@ -349,6 +349,11 @@ def test_preempted_job_requeues_and_ends_with_the_same_routers(jobs, slurm_env):
     assert resumed and SIGNAL_AT_STEP <= int(resumed.group(1)) < MAX_STEPS, log[-3000:]
     rows = [line for line in (out / "stage1" / "metrics.jsonl").read_text().splitlines() if '"loss"' in line]
     assert [int(re.search(r'"step": (\d+)', r).group(1)) for r in rows] == list(range(1, MAX_STEPS + 1))
+    assert_same_routers_as_reference(jobs, slurm_env, out)
+
+
+def assert_same_routers_as_reference(jobs, slurm_env, out):
+    """The final routers of the run in `out` are bit-identical to those of the uninterrupted reference job."""
     wait_job(slurm_env, jobs["reference"])
     reference = final_routers(jobs["out"]["reference"] / "stage1", MAX_STEPS)
     resumed_routers = final_routers(out / "stage1", MAX_STEPS)
@@ -373,12 +378,7 @@ def test_rank_killed_mid_run_is_requeued_and_ends_with_the_same_routers(jobs, sl
     assert "checkpoint_step=none" not in rows[0], rows
     resumed = re.search(r"resumed from \S+ at step (\d+)", log)
     assert resumed and 0 < int(resumed.group(1)) < MAX_STEPS, log[-3000:]
-    wait_job(slurm_env, jobs["reference"])
-    reference = final_routers(jobs["out"]["reference"] / "stage1", MAX_STEPS)
-    resumed_routers = final_routers(out / "stage1", MAX_STEPS)
-    assert reference.keys() == resumed_routers.keys()
-    for name, tensor in reference.items():
-        assert torch.equal(tensor, resumed_routers[name]), name
+    assert_same_routers_as_reference(jobs, slurm_env, out)
 
 
 @pytest.mark.slow

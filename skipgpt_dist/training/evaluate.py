@@ -8,7 +8,6 @@ import torch
 from ..routing import inference_slots, routing_disabled
 from ..routing.api import routing_stats_tensor
 from . import distributed as D
-from .losses import lm_loss
 
 
 @torch.no_grad()
