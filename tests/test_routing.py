@@ -55,20 +55,29 @@ def train_step_grads(model, ids, mask):
     for name, param in model.named_parameters():
         param.requires_grad_("skipgpt_" in name)
     logits = model(ids, attention_mask=mask).logits
-    labels = ids.masked_fill(mask == 0, -100)
-    loss = F.cross_entropy(logits[:, :-1].flatten(0, 1), labels[:, 1:].flatten(), ignore_index=-100)
+    # no loss on a prediction made at a padding position (left padding's last pad predicts the first token): mask
+    # mode's dense estimator would give that pad's router a gradient, which padding never gets in real training
+    labels = ids.masked_fill(mask == 0, -100)[:, 1:].masked_fill(mask[:, :-1] == 0, -100)
+    loss = F.cross_entropy(logits[:, :-1].flatten(0, 1), labels.flatten(), ignore_index=-100)
     (loss + sparsity_loss(model)).backward()
     return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+# (mask estimator, capacity estimator) pairs that must agree when every token has a slot: the executed-token
+# gradient, and the probe estimator, which then probes every skipped token with weight 1 = mask's dense gradient
+ESTIMATOR_PAIRS = (("executed", "executed"), ("dense", "probe"))
 
 
 @pytest.mark.parametrize("family", ["llama_gqa", "mistral", "qwen2"])
 @pytest.mark.parametrize("policy", POLICIES)
 @pytest.mark.parametrize("padding", ["none", "left"])
-def test_capacity_equals_mask_router_gradients(family, policy, padding):
+@pytest.mark.parametrize("estimators", ESTIMATOR_PAIRS, ids=lambda pair: "-".join(pair))
+def test_capacity_equals_mask_router_gradients(family, policy, padding, estimators):
     ids, mask = batch(seed=5, padding=padding)
-    loss_mask, grads_mask = train_step_grads(build(family, mode="mask", kv_policy=policy, gate_grad="executed"),
+    loss_mask, grads_mask = train_step_grads(build(family, mode="mask", kv_policy=policy, gate_grad=estimators[0]),
                                              ids, mask)
-    loss_cap, grads_cap = train_step_grads(build(family, mode="capacity", capacity=1.0, kv_policy=policy), ids, mask)
+    loss_cap, grads_cap = train_step_grads(build(family, mode="capacity", capacity=1.0, kv_policy=policy,
+                                                 gate_grad=estimators[1]), ids, mask)
     torch.testing.assert_close(loss_cap, loss_mask, atol=1e-5, rtol=1e-5)
     assert grads_mask.keys() == grads_cap.keys() and len(grads_mask) == 4 * 3
     for name in grads_mask:
@@ -504,9 +513,108 @@ def test_flash_and_flex_on_gpu_match_sdpa():
 def test_with_execution_switches_mode_and_resets_the_estimator():
     trained = RouterConfig(mode="mask", gate_grad="dense", kv_policy="routed")
     served = trained.with_execution("capacity", 0.75)
-    assert (served.mode, served.capacity, served.gate_grad, served.kv_policy) == ("capacity", 0.75, "executed",
+    assert (served.mode, served.capacity, served.gate_grad, served.kv_policy) == ("capacity", 0.75, "probe",
                                                                                   "routed")
     assert trained.with_execution().gate_grad == "dense"
+    assert trained.with_execution("expert_choice").gate_grad == "executed"
+    # one capacity given to a served copy replaces per-kind and per-layer plans
+    planned = RouterConfig(capacity_attn=0.6, layer_capacity={"attn": [0.5, 1.0], "mlp": [1.0, 1.0]})
+    assert planned.capacity_for(0, 0) == 0.5 and planned.capacity_for(1, 1) == 1.0
+    flat = planned.with_execution("capacity", 0.9)
+    assert (flat.layer_capacity, flat.capacity_attn, flat.capacity_for(0, 0)) == (None, None, 0.9)
+    assert planned.with_execution("capacity").layer_capacity == planned.layer_capacity
+
+
+def test_per_kind_capacity_sets_each_kinds_slots():
+    cfg = RouterConfig(capacity=0.8, capacity_attn=0.5)
+    assert (cfg.capacity_for(0, 3), cfg.capacity_for(1, 3)) == (0.5, 0.8)
+    assert cfg.mean_capacity(4) == (0.5, 0.8)
+
+
+PLANS = {
+    "per_kind": dict(capacity_attn=0.8, capacity_mlp=1.0),
+    "per_layer": dict(layer_capacity={"attn": [0.85, 1.0, 0.8], "mlp": [1.0, 0.8, 0.9]}),
+}
+
+
+@pytest.mark.parametrize("plan", sorted(PLANS))
+@pytest.mark.parametrize("policy", POLICIES)
+@pytest.mark.parametrize("padding", ["none", "left"])
+def test_per_kind_and_per_layer_capacity_equal_mask_without_overflow(plan, policy, padding):
+    """Invariant 1 with capacities per kind and per layer: forward and router gradients equal mask (executed
+    estimator) when nothing overflows, and each sublayer really ran its own number of slots."""
+    ids, mask = batch(seed=3, padding=padding)
+    with torch.no_grad():
+        expected = logits_on_real(build("llama_gqa", mode="mask", kv_policy=policy, skip_shift=1.0), ids, mask)
+        routed = build("llama_gqa", mode="capacity", kv_policy=policy, skip_shift=1.0, inference_slots="static",
+                       **PLANS[plan])
+        got = logits_on_real(routed, ids, mask)
+    layers = routing_stats(routed)["layers"]
+    assert all(layer[k]["overflow"] == 0 for layer in layers for k in ("attn", "mlp")), "must not overflow"
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+    cfg = routing_context(routed).cfg
+    assert len({cfg.capacity_for(k, i) for k in (0, 1) for i in range(3)}) > 1, "slots must differ by sublayer"
+    _, grads_mask = train_step_grads(build("llama_gqa", mode="mask", kv_policy=policy, gate_grad="executed",
+                                           skip_shift=1.0), ids, mask)
+    _, grads_cap = train_step_grads(build("llama_gqa", mode="capacity", kv_policy=policy, gate_grad="executed",
+                                          skip_shift=1.0, **PLANS[plan]), ids, mask)
+    for name in grads_mask:
+        torch.testing.assert_close(grads_cap[name], grads_mask[name], atol=1e-5, rtol=1e-4)
+
+
+def test_per_layer_capacity_runs_that_many_slots(monkeypatch):
+    """k = ceil(capacity * S) per (layer, kind): count the rows each sublayer's MLP / q_proj really sees."""
+    plan = {"attn": [1.0, 0.5, 0.25], "mlp": [0.25, 1.0, 0.75]}
+    model = build("llama_gqa", mode="capacity", layer_capacity=plan, inference_slots="static")
+    ids, mask = batch(seed=1, seq_len=16)
+    rows = {}
+    for i, layer in enumerate(model.model.layers):
+        layer.self_attn.q_proj.register_forward_hook(lambda m, a, o, i=i: rows.__setitem__(("attn", i), a[0].shape[1]))
+        layer.mlp.register_forward_hook(lambda m, a, o, i=i: rows.__setitem__(("mlp", i), a[0].shape[1]))
+    with torch.no_grad():
+        model(ids, attention_mask=mask)
+    assert rows == {(kind, i): math.ceil(plan[kind][i] * 16) for kind in plan for i in range(3)}
+
+
+def test_layer_capacity_for_another_layer_count_is_refused():
+    with pytest.raises(SkipGPTError, match="layer_capacity has 4 layers, the model 3"):
+        build("llama_gqa", mode="capacity", layer_capacity={"attn": [1.0] * 4, "mlp": [1.0] * 4})
+
+
+def test_probe_estimator_is_unbiased_for_the_dense_gradient():
+    """gate_grad=probe at capacity < 1 samples skipped tokens into the free slots with weight skipped/sampled.
+    With deterministic gates (the same decisions every step) only the probe draw changes with the noise step:
+    its forward equals the executed estimator's, and its router gradient averaged over draws converges to mask
+    mode's dense gradient (the executed estimator's does not)."""
+    ids, mask = batch(seed=5, padding="none", seq_len=24)
+    kwargs = dict(kv_policy="all", skip_shift=1.5)
+
+    def grads(model, step):
+        ctx = routing_context(model)
+        ctx.noisy, ctx.noise_step = False, step
+        return train_step_grads(model, ids, mask)
+
+    loss_dense, dense = grads(build("llama_gqa", mode="mask", gate_grad="dense", **kwargs), 0)
+    loss_exec, executed = grads(build("llama_gqa", mode="mask", gate_grad="executed", **kwargs), 0)
+    probe_model = build("llama_gqa", mode="capacity", capacity=0.75, gate_grad="probe", **kwargs)
+    draws = 300
+    mean = {name: torch.zeros_like(g) for name, g in dense.items()}
+    for step in range(draws):
+        for param in probe_model.parameters():
+            param.grad = None
+        loss_probe, g = grads(probe_model, step)
+        torch.testing.assert_close(loss_probe, loss_dense, atol=1e-6, rtol=1e-6)  # probes add exactly 0
+        for name in mean:
+            mean[name] += g[name] / draws
+    stats = routing_stats(probe_model)["layers"]
+    assert all(layer[k]["overflow"] == 0 for layer in stats for k in ("attn", "mlp")), "must not overflow"
+    assert 0.2 < routing_stats(probe_model)["sparsity"] < 0.65, "tokens must skip and probes be sampled"
+    flat = {key: torch.cat([g[name].flatten() for name in sorted(dense)]) for key, g in
+            (("dense", dense), ("probe", mean), ("executed", executed))}
+    bias_probe = float((flat["probe"] - flat["dense"]).norm() / flat["dense"].norm())
+    bias_exec = float((flat["executed"] - flat["dense"]).norm() / flat["dense"].norm())
+    assert bias_probe < 0.1, bias_probe
+    assert bias_exec > 3 * bias_probe, (bias_exec, bias_probe)
 
 
 # ---- KV cache append buffers -------------------------------------------------------------------------------------

@@ -70,8 +70,10 @@ def attach_routers(model: nn.Module, cfg: Optional[RouterConfig] = None) -> nn.M
                            "wrong for gathered queries under kv_policy=all): use attn_backend=auto, sdpa or flex")
     config = model.config
     shape = adapter.shape(config)
+    layers = adapter.decoder_layers(model)
+    check_layer_capacity(cfg, len(layers))
     ctx = RoutingContext(cfg=cfg, temperature=cfg.temperature_start)
-    for idx, layer in enumerate(adapter.decoder_layers(model)):
+    for idx, layer in enumerate(layers):
         reference = getattr(getattr(layer, adapter.attn), adapter.q_proj).weight
         for name in ROUTER_NAMES:
             router = Router(config.hidden_size, cfg.router_type, init_bias=float(cfg.init_margin),
@@ -84,6 +86,22 @@ def attach_routers(model: nn.Module, cfg: Optional[RouterConfig] = None) -> nn.M
     base.register_forward_pre_hook(capture_attention_mask(ctx), with_kwargs=True)
     model._skipgpt_ctx = ctx
     return model
+
+
+def check_layer_capacity(cfg: RouterConfig, num_layers: int) -> None:
+    """A per-layer capacity plan must name every layer of the model it is attached to."""
+    plan = cfg.layer_capacity
+    if plan is not None and len(plan["attn"]) != num_layers:
+        raise SkipGPTError(f"routers.layer_capacity has {len(plan['attn'])} layers, the model {num_layers}: a plan "
+                           "is made for one model (give one fraction per layer, or leave it unset)")
+
+
+def set_layer_capacity(model: nn.Module, plan: Optional[dict]) -> None:
+    """Replace the per-layer capacity plan of attached routers (validated; saved with the routers)."""
+    ctx = routing_context(model)
+    cfg = dataclasses.replace(ctx.cfg, layer_capacity=plan)
+    check_layer_capacity(cfg, len(routed_layers(model)))
+    ctx.cfg = cfg
 
 
 def _inner_model(model: nn.Module, adapter) -> nn.Module:

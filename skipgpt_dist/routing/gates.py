@@ -57,14 +57,18 @@ def noise_base(seed: int, step: int, layer: int, kind: int) -> int:
     return base
 
 
-def hashed_uniform_from_base(base, sample_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+def hashed_uniform_from_base(base, sample_ids: torch.Tensor, positions: torch.Tensor,
+                             channels: int = 2) -> torch.Tensor:
     """hashed_uniform given its noise_base: a Python int, or a 0-d int64 tensor on positions' device (what the
     routed block passes: the per-forward table of RoutingContext.noise_inputs, so a compiled block takes the step
-    as data rather than as a constant it would recompile for). Creates no tensor on the host."""
+    as data rather than as a constant it would recompile for). Creates no tensor on the host.
+
+    channels: values per token. Each channel is hashed on its own, so the first two (the Gumbel noise) are the
+    same whatever the count; a third draws the probe order (gate_grad=probe) independently of the gates."""
     ids = sample_ids.to(positions.device, torch.int64)  # a no-op for ids already there (RoutingContext)
     x = _splitmix((ids * _GOLDEN)[:, None] ^ base)
     x = _splitmix(x ^ (positions.to(torch.int64) * _M1))
-    channel = torch.arange(1, 3, device=positions.device, dtype=torch.int64) * _M2
+    channel = torch.arange(1, channels + 1, device=positions.device, dtype=torch.int64) * _M2
     x = _splitmix(x[..., None] ^ channel)
     bits = _shr(x, 11).to(torch.float64)
     return ((bits + 0.5) / float(1 << 53)).to(torch.float32)
@@ -149,3 +153,24 @@ def select_slots(candidates: torch.Tensor, score: torch.Tensor, k: int) -> tuple
     # (real first, then token) keys and two gathers.
     idx = keyed.topk(k, dim=1, sorted=False).indices.sort(dim=1).values
     return idx, candidates.gather(1, idx)
+
+
+# Probe keys rank below every executed token (their scores are > 0) and above padding (-inf).
+_PROBE_OFFSET = -3.0
+
+
+def select_slots_with_probes(hard: torch.Tensor, valid: torch.Tensor, score: torch.Tensor, probe_key: torch.Tensor,
+                             k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """select_slots for gate_grad=probe: executed tokens first (highest score first, as select_slots), then the
+    slots left free go to skipped real tokens in the random order of probe_key (B, S) in [0, 1).
+
+    Returns idx, real (slot holds an executed token), probe (slot holds a skipped token, sampled) and weight
+    (B, 1): skipped tokens per sampled one in the row, so the probes' gradient sums to an unbiased estimate of
+    the gradient every skipped token would give (mask mode's dense estimator)."""
+    keyed = torch.where(hard, score, torch.where(valid, probe_key + _PROBE_OFFSET, float("-inf")))
+    idx = keyed.topk(k, dim=1, sorted=False).indices.sort(dim=1).values
+    real = hard.gather(1, idx)
+    probe = valid.gather(1, idx) & ~real
+    skipped = (valid & ~hard).sum(dim=1, keepdim=True)
+    weight = skipped / probe.sum(dim=1, keepdim=True).clamp(min=1)
+    return idx, real, probe, weight.to(score.dtype)

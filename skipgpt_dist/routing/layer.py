@@ -20,7 +20,8 @@ from .attention import (choose_backend, flash_attn_available, flash_varlen_atten
                         flex_attention_call, sdpa_attention, sdpa_prefix_attention, sdpa_unmasked)
 from .cache import RoutedCacheLayer, routed_cache_layer
 from .context import RoutingContext, TokenLayout, host_reads_free
-from .gates import Gates, capacity_slots, draw_gates, hashed_uniform_from_base, select_slots
+from .gates import (Gates, capacity_slots, draw_gates, hashed_uniform_from_base, select_slots,
+                    select_slots_with_probes)
 
 ATTN, MLP = 0, 1
 
@@ -52,6 +53,15 @@ class Plan:
     all_executed: bool = False  # dynamic slots: every token executes and nothing records autograd (gate == 1)
     empty: bool = False  # dynamic slots: no token executes, the sublayer does not run
     decided: Optional[torch.Tensor] = None  # () number of tokens the router chose, when already known
+    # gate_grad=probe: (B, k) slot holds a sampled skipped token (run for the gradient, added with gate value 0)
+    # and (B, 1) the weight of its straight-through gradient (skipped tokens per probe in the row)
+    probe: Optional[torch.Tensor] = None
+    probe_weight: Optional[torch.Tensor] = None
+
+    @property
+    def used(self) -> Optional[torch.Tensor]:
+        """(B, k) slots whose output is scattered back: executed tokens, and probes (whose value added is 0)."""
+        return self.real if self.probe is None else self.real | self.probe
 
     @property
     def executed(self) -> torch.Tensor:
@@ -93,7 +103,7 @@ def routed_block(layer: nn.Module, h: torch.Tensor, position_embeddings, cache) 
         cache_layer.host_reads = host_reads
     cos, sin = ctx.rope_tables(position_embeddings, batch)
     noise_key = None
-    if layer.training and ctx.noisy and ctx.enabled:
+    if layer.training and ctx.enabled and (ctx.noisy or probing(ctx.cfg)):
         ids, bases = ctx.noise_inputs(batch, h.device)
         noise_key = (ids, bases[r.layer_idx])
     # Compiled code takes the temperature as a tensor: a float would be a constant, recompiled when it anneals
@@ -124,6 +134,11 @@ def routed_compute(layer: nn.Module, h: torch.Tensor, layout: TokenLayout, cos, 
     return out, block_stats(layout.valid, layout.count, attn_plan, mlp_plan)
 
 
+def probing(cfg) -> bool:
+    """The estimator samples skipped tokens into free slots (gate_grad=probe; training with static slots)."""
+    return cfg.gate_grad == "probe" and cfg.mode == "capacity"
+
+
 def dynamic_inference(cfg, training: bool) -> bool:
     """The block will (most likely) size slots from the data: capacity mode, dynamic inference slots, nothing
     recorded by autograd (dynamic_slots decides per sublayer; this is the block-level expectation)."""
@@ -141,14 +156,18 @@ def plan_sublayer(logits, layout: TokenLayout, r: LayerRouting, kind: int, train
     if not ctx.enabled:
         gates = Gates(hard=valid, score=valid.float(), soft=None)
         return Plan(gates=gates, executed_tokens=valid)
-    if training and ctx.noisy and noise_key is None:  # (a caller outside routed_block)
+    dynamic = cfg.mode == "capacity" and dynamic_slots(cfg.inference_slots, training, logits, x)
+    # probes only help a router that learns: training, static slots, router logits recorded by autograd
+    probe = training and probing(cfg) and torch.is_grad_enabled() and logits.requires_grad
+    if training and (ctx.noisy or probe) and noise_key is None:  # (a caller outside routed_block)
         ids, bases = ctx.noise_inputs(valid.shape[0], valid.device)
         noise_key = (ids, bases[r.layer_idx])
-    noise = None
-    if training and ctx.noisy:
-        noise = hashed_uniform_from_base(noise_key[1][kind], noise_key[0], positions)
+    noise = probe_key = None
+    if training and (ctx.noisy or probe):
+        uniform = hashed_uniform_from_base(noise_key[1][kind], noise_key[0], positions, channels=3 if probe else 2)
+        noise = uniform[..., :2] if ctx.noisy else None
+        probe_key = uniform[..., 2] if probe else None
     temperature = ctx.temperature if temperature is None else temperature
-    dynamic = cfg.mode == "capacity" and dynamic_slots(cfg.inference_slots, training, logits, x)
     if dynamic and logits.shape[:2] == (1, 1) and layout.all_valid:
         return single_token_plan(logits, layout)
     # (without a padding mask every token is valid, known without looking at the data)
@@ -157,7 +176,10 @@ def plan_sublayer(logits, layout: TokenLayout, r: LayerRouting, kind: int, train
         return Plan(gates=gates, executed_tokens=gates.hard)
     if dynamic:
         return dynamic_plan(gates)
-    k = capacity_slots(valid.shape[1], cfg.capacity)
+    k = capacity_slots(valid.shape[1], cfg.capacity_for(kind, r.layer_idx))
+    if probe_key is not None:
+        idx, real, probe_slots, weight = select_slots_with_probes(gates.hard, valid, gates.score, probe_key, k)
+        return Plan(gates=gates, executed_tokens=None, idx=idx, real=real, probe=probe_slots, probe_weight=weight)
     # expert_choice is non-causal (top-k over the whole sequence); at token-by-token decode it falls back to
     # the causal threshold decision with a one-slot capacity.
     candidates = valid if cfg.mode == "expert_choice" and not decoding else gates.hard
@@ -277,7 +299,8 @@ def attention_sublayer(layer, r: LayerRouting, h, plan: Plan, layout: TokenLayou
     v = project_heads(getattr(attn, ad.v_proj), x_kv, shape.kv_heads, shape.head_dim)
     compacted = routed_kv and plan.idx is not None
     # a static query count: every token (S) or the static k slots, not a data-dependent dynamic-slot count
-    static_queries = plan.idx is None or plan.idx.shape[1] == capacity_slots(h.shape[1], cfg.capacity)
+    static_queries = plan.idx is None or plan.idx.shape[1] == capacity_slots(h.shape[1],
+                                                                            cfg.capacity_for(ATTN, r.layer_idx))
     backend = resolve_backend(cfg.attn_backend, compacted, q, r.window, cache_layer is not None, static_queries)
     all_kept = cache_layer is not None and layout.all_valid and (not routed_kv or plan.all_executed)
     # kv_policy=all, no padding, nothing cached before this chunk: the keys are exactly positions 0..S-1, all valid
@@ -285,6 +308,7 @@ def attention_sublayer(layer, r: LayerRouting, h, plan: Plan, layout: TokenLayou
     keys, values, key_pos, key_valid, open_keys = with_cache(cache_layer, r, k, v, k_pos, keep, h.shape[1],
                                                              all_kept, backend == "sdpa",
                                                              backend == "flex" or not prefix_keys)
+    # (flash packs only these queries: under kv_policy=routed its probes get no output, so no gradient signal)
     out = run_attention(backend, q, keys, values, q_pos, key_pos, key_valid, r, compacted, plan.real, open_keys,
                         prefix_keys)
     out = out.transpose(1, 2).reshape(*x_q.shape[:2], shape.heads * shape.head_dim)
@@ -391,19 +415,23 @@ def combine(h, out, plan: Plan, dense_grad: bool, h_is_scratch: bool = False) ->
     # straight-through gradient.
     soft = plan.gates.soft
     if soft is not None and soft.requires_grad:
-        mult = plan.gates.straight_through(plan.executed, dense_grad)
-        out = out * mult.gather(1, plan.idx)[..., None].to(out.dtype)
+        mult = plan.gates.straight_through(plan.executed, dense_grad).gather(1, plan.idx)
+        if plan.probe is not None:  # value 0 (the probe adds nothing), gradient <dL/dh, f> x weight
+            surrogate = (soft - soft.detach()).gather(1, plan.idx)
+            mult = mult + surrogate * (plan.probe * plan.probe_weight)
+        out = out * mult[..., None].to(out.dtype)
+    used = plan.used
     if in_place:
         batch, seq_len, dim = h.shape
         rows = out.reshape(-1, dim)
         buffer = spare_row_buffer(h)
         if buffer is not None:  # padding slots add into the spare row: no masking pass over the rows
-            buffer.index_add_(0, _row_or_spare(plan.idx, plan.real, seq_len), rows)
+            buffer.index_add_(0, _row_or_spare(plan.idx, used, seq_len), rows)
         else:
-            rows = torch.where(plan.real.reshape(-1, 1), rows, torch.zeros((), dtype=out.dtype, device=out.device))
+            rows = torch.where(used.reshape(-1, 1), rows, torch.zeros((), dtype=out.dtype, device=out.device))
             h.view(batch * seq_len, dim).index_add_(0, _flat_index(plan.idx, seq_len), rows)
         return h
-    return scatter_add_tokens(h, plan.idx, out, plan.real)
+    return scatter_add_tokens(h, plan.idx, out, used)
 
 
 def spare_row_buffer(h: torch.Tensor) -> Optional[torch.Tensor]:

@@ -105,7 +105,10 @@ def prepare_model(model, cfg, routers_file: Path | None = None):
     router_cfg = cfg.routers
     if cfg.stage.stage == 2:
         # Keep the policy the routers were trained under; execute as this stage's config says.
-        router_cfg = saved_router_config(routers_file).with_execution(cfg.routers.mode, cfg.routers.capacity)
+        # Keep stage 1's slots (its per-layer plan included) unless this stage's config sets its own.
+        router_cfg = saved_router_config(routers_file).with_execution(cfg.routers.mode)
+        if cfg.routers.sets_capacity():
+            router_cfg = router_cfg.with_capacities_of(cfg.routers)
         if cfg.stage.train_routers:
             # Routers that keep training answer to this stage's regulariser (targets, alpha) and estimator.
             for key in ("gate_grad", "target_sparsity", "target_sparsity_attn", "target_sparsity_mlp", "alpha"):

@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 from ..errors import SkipGPTError
+from ..routing.api import set_layer_capacity
+from ..routing.capacity_plan import describe_capacity, warm_start_capacity
 from ..static_pruning import block_influence, init_routers_from_influence
 from .reporting import log
 
@@ -28,3 +30,7 @@ def warm_start_routers(cfg, model, batches) -> None:
                                             routers.init_skip_margin)
     log(f"routers warm-started from block influence: attention layers {attn} and MLP layers {mlp} start at "
         f"margin {routers.init_skip_margin}, the rest at {routers.init_margin}")
+    if routers.capacity_plan == "warm_start":  # the marked sublayers get few slots, the rest every slot
+        plan = warm_start_capacity(len(influence.attn), attn, mlp, routers.marked_capacity)
+        set_layer_capacity(model, plan)
+        log(describe_capacity(plan))
