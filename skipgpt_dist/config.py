@@ -150,6 +150,22 @@ class LoraConfig(_Section):
 
 
 @dataclass
+class CalibrateConfig(_Section):
+    _prefix: ClassVar[str] = "stage.calibrate"
+    # Stage 2, fresh runs: before LoRA trains, shift the loaded stage-1 routers' biases so that deterministic gates
+    # skip as training did (routing/calibrate.py; what tools/calibrate_routers.py does), on every rank.
+    enabled: bool = False
+    # Overall target skip rate; null = the routers' own target(s).
+    sparsity: Optional[float] = _num(None, ge=0, lt=1)
+    # Routers to move: both, or one kind only (it meets the overall target, the other stays as trained).
+    kinds: str = _choice("both", ("both", "attn", "mlp"))
+    # per_layer: each layer keeps its trained skip rate, rescaled to the target; global: one threshold per group.
+    method: str = _choice("per_layer", ("per_layer", "global"))
+    # Calibration sequences, the next ones of the training stream (its position is left unchanged).
+    sequences: int = _num(16, ge=1)
+
+
+@dataclass
 class StageConfig(_Section):
     _prefix: ClassVar[str] = "stage"
     # 1 = router tuning (base frozen), 2 = LoRA restore (routers frozen and hard).
@@ -166,12 +182,16 @@ class StageConfig(_Section):
     # full distribution per token instead of one label, at the cost of one extra no-grad forward per micro-batch.
     objective: str = _choice("lm", ("lm", "distill"))
     lora: LoraConfig = _section(LoraConfig)
+    calibrate: CalibrateConfig = _section(CalibrateConfig)
 
     def validate(self):
         super().validate()
         if self.stage == 2 and not self.init_from:
             raise SkipGPTError("stage.init_from is required for stage 2: set it to the stage-1 run folder or "
                                "checkpoint, e.g. stage.init_from=runs/smollm2_stage1")
+        if self.stage == 1 and self.calibrate.enabled:
+            raise SkipGPTError("stage.calibrate.enabled=true calibrates loaded stage-1 routers at the start of stage "
+                               "2: set stage.stage=2, or calibrate a stage-1 run with tools/calibrate_routers.py")
         return self
 
 
@@ -441,7 +461,29 @@ def load_config(path: Optional[str] = None, overrides: Sequence[str] = ()) -> Tr
     data = _read_yaml(os.fspath(path)) if path is not None else {}
     for override in overrides:
         _apply_override(data, override)
-    return _from_dict(TrainConfig, data, "")
+    cfg = _from_dict(TrainConfig, data, "")
+    check_training_data_named(cfg, data)
+    return cfg
+
+
+def _builtin_model(path: str) -> bool:
+    """A builtin name, or the folder a builtin name resolves to (the asset cache's models/)."""
+    from .assets import cache_dir
+
+    if path.startswith("builtin:"):
+        return True
+    models = Path(cache_dir()) / "models"
+    return Path(os.path.abspath(os.path.expanduser(path))).parent == models
+
+
+def check_training_data_named(cfg: TrainConfig, data: dict) -> None:
+    """The builtin plays are the default training text of the builtin models only: a model of one's own (a 70B
+    checkpoint on a cluster) must name its corpus, or it would silently be tuned on 4.7 MB of Shakespeare."""
+    named = isinstance(data.get("data"), dict) and "train_files" in data["data"]
+    if not named and not _builtin_model(str(cfg.model.path)):
+        raise SkipGPTError(f"model.path={cfg.model.path} needs its training text: set data.train_files (and "
+                           "data.eval_files), e.g. data.train_files=[/data/corpus/*.jsonl] or a token-shard folder "
+                           "from tools/prepare_data.py; the builtin plays are only the builtin models' default")
 
 
 def _plain(value):

@@ -11,13 +11,12 @@ evaluates SkipGPT routers, and sparsity is counted the same way (fraction of sub
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch
 
 from .routing.api import ROUTER_NAMES, routed_layers, routing_disabled
-from .routing.calibrate import forward_with_hooks
+from .routing.calibrate import sequence_records
 
 STATIC_MARGIN = 30.0
 
@@ -31,44 +30,52 @@ class BlockInfluence:
 
 @torch.no_grad()
 def block_influence(model, sequences: torch.Tensor, micro_batch_size: int = 4) -> BlockInfluence:
-    """ShortGPT block influence of every layer and attention sublayer, on the dense model (routing disabled)."""
+    """ShortGPT block influence of every layer and attention sublayer, on the dense model (routing disabled):
+    the mean over every token of every sequence. On every rank of a sharded model with the same sequences, each
+    rank runs its share and every rank gets the same scores (calibrate.sequence_records)."""
     layers = routed_layers(model)
-    sums = {kind: torch.zeros(len(layers), dtype=torch.float64) for kind in ("layer", "attn", "mlp")}
+    kinds = ("layer", "attn", "mlp")
+    keys = [(kind, idx) for kind in kinds for idx in range(len(layers))]
     inputs: dict[int, torch.Tensor] = {}
     mids: dict[int, torch.Tensor] = {}
 
-    def layer_pre(idx):
-        def hook(module, args, kwargs):
-            inputs[idx] = args[0] if args else kwargs["hidden_states"]
-        return hook
+    def attach(store: dict) -> list:
+        def layer_pre(idx):
+            def hook(module, args, kwargs):
+                inputs[idx] = args[0] if args else kwargs["hidden_states"]
+            return hook
 
-    def layer_post(idx):
-        def hook(module, args, kwargs, output):
-            out = output[0] if isinstance(output, tuple) else output
-            sums["layer"][idx] += _cos_distance(inputs[idx], out)
-            sums["mlp"][idx] += _cos_distance(mids[idx], out)
-        return hook
+        def layer_post(idx):
+            def hook(module, args, kwargs, output):
+                out = output[0] if isinstance(output, tuple) else output
+                store[("layer", idx)] = _cos_distance(inputs[idx], out)
+                store[("mlp", idx)] = _cos_distance(mids[idx], out)
+            return hook
 
-    def mid_pre(idx):  # the MLP norm's input is the post-attention state x + attn(x)
-        def hook(module, args):
-            mids[idx] = args[0]
-            sums["attn"][idx] += _cos_distance(inputs[idx], args[0])
-        return hook
+        def mid_pre(idx):  # the MLP norm's input is the post-attention state x + attn(x)
+            def hook(module, args):
+                mids[idx] = args[0]
+                store[("attn", idx)] = _cos_distance(inputs[idx], args[0])
+            return hook
 
-    handles = []
-    for idx, layer in enumerate(layers):
-        handles.append(layer.register_forward_pre_hook(layer_pre(idx), with_kwargs=True))
-        handles.append(layer.register_forward_hook(layer_post(idx), with_kwargs=True))
-        handles.append(getattr(layer, layer._skipgpt.adapter.mlp_norm).register_forward_pre_hook(mid_pre(idx)))
+        handles = []
+        for idx, layer in enumerate(layers):
+            handles.append(layer.register_forward_pre_hook(layer_pre(idx), with_kwargs=True))
+            handles.append(layer.register_forward_hook(layer_post(idx), with_kwargs=True))
+            handles.append(getattr(layer, layer._skipgpt.adapter.mlp_norm).register_forward_pre_hook(mid_pre(idx)))
+        return handles
+
     with routing_disabled(model):
-        forward_with_hooks(model, sequences, micro_batch_size, handles)
-    batches = math.ceil(len(sequences) / micro_batch_size)
-    return BlockInfluence(**{kind: (total / batches).tolist() for kind, total in sums.items()})
+        records = sequence_records(model, sequences, micro_batch_size, keys, attach)  # (N, 3L) per-sequence sums
+    means = (records.sum(dim=0) / sequences.numel()).tolist()  # every token is real in calibration sequences
+    per_kind = len(layers)
+    return BlockInfluence(**{kind: means[i * per_kind:(i + 1) * per_kind] for i, kind in enumerate(kinds)})
 
 
-def _cos_distance(x: torch.Tensor, y: torch.Tensor) -> float:
-    """1 - mean cosine similarity over tokens (every token is real in calibration batches)."""
-    return float(1.0 - torch.nn.functional.cosine_similarity(x.float(), y.float(), dim=-1).mean())
+def _cos_distance(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Per sequence (batch,), the sum over its tokens of 1 - cos(x_t, y_t), in float64."""
+    cos = torch.nn.functional.cosine_similarity(x.float(), y.float(), dim=-1)
+    return (1.0 - cos).double().sum(dim=-1)
 
 
 def least_influential(scores: list[float], count: int) -> list[int]:

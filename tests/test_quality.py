@@ -223,16 +223,6 @@ def test_block_influence_warm_start_marks_the_least_influential_sublayers():
     assert biases[1][0] == [-0.5, 0.5] and biases[2][1] == [-0.5, 0.5] and biases[0][0] == [2.5, -2.5]
 
 
-def test_block_influence_warm_start_needs_one_process():
-    from skipgpt_dist.config import load_config
-    from skipgpt_dist.errors import SkipGPTError
-    from skipgpt_dist.training.warm_start import warm_start_routers
-
-    cfg = load_config(str(ROOT / "configs/tiny.yaml"), ["routers.init=block_influence", "parallel.backend=fsdp2"])
-    with pytest.raises(SkipGPTError, match="needs parallel.backend=none"):
-        warm_start_routers(cfg, model=None, batches=None)
-
-
 def test_calibrating_one_kind_meets_the_overall_target_and_leaves_the_other():
     model = build("llama_gqa", mode="mask", target_sparsity=0.3)
     x = ids(rows=6, seq=32)

@@ -16,10 +16,14 @@ the decode path see calibrated decisions without special cases.
 """
 from __future__ import annotations
 
-from typing import Optional
+import contextlib
+import dataclasses
+import math
+from typing import Callable, Optional
 
 import torch
 
+from ..training import distributed as D
 from .api import ROUTER_NAMES, routed_layers, routing_context
 
 KINDS = ("attn", "mlp")
@@ -27,32 +31,84 @@ KINDS = ("attn", "mlp")
 
 @torch.no_grad()
 def collect_margins(model, sequences: torch.Tensor, micro_batch_size: int) -> dict[str, list[torch.Tensor]]:
-    """Deterministic router margins of every token, per kind and layer: {"attn": [L tensors], "mlp": [...]}."""
+    """Deterministic router margins of every token of every sequence, per kind and layer: {"attn": [L tensors],
+    "mlp": [...]}, each of the N * S margins in sequence order, the same on every rank (sequence_records)."""
     layers = routed_layers(model)
-    margins = {kind: [[] for _ in layers] for kind in KINDS}
-    handles = []
-    for idx, layer in enumerate(layers):
-        for kind, name in zip(KINDS, ROUTER_NAMES):
-            def hook(module, args, output, kind=kind, idx=idx):
-                margins[kind][idx].append((output[..., 0] - output[..., 1]).float().reshape(-1).cpu())
-            handles.append(getattr(layer, name).register_forward_hook(hook))
-    forward_with_hooks(model, sequences, micro_batch_size, handles)
-    return {kind: [torch.cat(parts) for parts in margins[kind]] for kind in KINDS}
+    keys = [(kind, idx) for kind in KINDS for idx in range(len(layers))]
+
+    def attach(store: dict) -> list:
+        handles = []
+        for idx, layer in enumerate(layers):
+            for kind, name in zip(KINDS, ROUTER_NAMES):
+                def hook(module, args, output, key=(kind, idx)):
+                    store[key] = (output[..., 0] - output[..., 1]).float()
+                handles.append(getattr(layer, name).register_forward_hook(hook))
+        return handles
+
+    records = sequence_records(model, sequences, micro_batch_size, keys, attach)  # (N, 2L, S)
+    return {kind: [records[:, keys.index((kind, idx))].reshape(-1) for idx in range(len(layers))] for kind in KINDS}
 
 
 @torch.no_grad()
-def forward_with_hooks(model, sequences: torch.Tensor, micro_batch_size: int, handles: list) -> None:
-    """Eval-mode forwards over unpadded sequences, for the hooks behind `handles`, which are removed after."""
+def sequence_records(model, sequences: torch.Tensor, micro_batch_size: int, keys: list,
+                     attach: Callable[[dict], list]) -> torch.Tensor:
+    """Per-sequence statistics of every sequence, in order, on every rank: (N, len(keys), ...).
+
+    attach(store) registers forward hooks that put one (batch, ...) tensor under each of `keys` per forward. Each
+    rank runs only its share of the sequences (rank_rows) and the shares are gathered (gather_rows), so N ranks
+    compute what one process computes, with 1/N of the forwards each; in one process this is simply every row."""
+    rows, own = rank_rows(len(sequences))
+    store: dict = {}
+    parts: list[torch.Tensor] = []
+
+    def collect() -> None:
+        parts.append(torch.stack([store.pop(key) for key in keys], dim=1))
+
+    forward_with_hooks(model, sequences[rows], micro_batch_size, attach(store), after_batch=collect)
+    return gather_rows(torch.cat(parts), rows, own, len(sequences))
+
+
+def rank_rows(total: int) -> tuple[list[int], int]:
+    """(global indices of the sequences this rank runs, how many of them are its own: the rest repeat one).
+    Rank r takes sequences r, r + W, ...; every rank runs ceil(total / W) of them, because a sharded model
+    (FSDP2, ZeRO-3) needs every rank in every forward."""
+    rank, world = D.rank(), D.world_size()
+    own = list(range(rank, total, world))
+    pad = math.ceil(total / world) - len(own)
+    return own + [own[-1] if own else 0] * pad, len(own)
+
+
+def gather_rows(local: torch.Tensor, rows: list[int], own: int, total: int) -> torch.Tensor:
+    """(total, ...) on every rank: each rank's own rows of `local` at their global indices. A sum over ranks of
+    zero-filled buffers (all_reduce_sum, on the collective's device), so exact: each entry has one contributor."""
+    full = local.new_zeros((total, *local.shape[1:]))
+    full[rows[:own]] = local[:own]
+    return D.all_reduce_sum(full)
+
+
+@torch.no_grad()
+def forward_with_hooks(model, sequences: torch.Tensor, micro_batch_size: int, handles: list,
+                       after_batch: Optional[Callable[[], None]] = None) -> None:
+    """Eval-mode forwards over unpadded sequences (moved to the model's device), for the hooks behind `handles`,
+    which are removed after; after_batch() runs after each forward."""
     was_training = model.training
     model.eval()
+    device = next(model.parameters()).device
     try:
         for start in range(0, len(sequences), micro_batch_size):
-            ids = sequences[start:start + micro_batch_size]
+            ids = sequences[start:start + micro_batch_size].to(device)
             model(input_ids=ids, attention_mask=torch.ones_like(ids))
+            if after_batch is not None:
+                after_batch()
     finally:
         for handle in handles:
             handle.remove()
         model.train(was_training)
+
+
+def skip_rates(margins: dict[str, list[torch.Tensor]]) -> dict[str, float]:
+    """Deterministic skip rate per kind (margin < 0) over every token of every layer."""
+    return {kind: float(torch.cat(margins[kind]).lt(0).float().mean()) for kind in KINDS}
 
 
 def expected_skip_rates(margins: list[torch.Tensor], target: Optional[float]) -> list[float]:
@@ -90,7 +146,9 @@ def apply_shifts(model, shifts: dict[str, list[float]]) -> None:
 
 
 def calibrate_routers(model, sequences: torch.Tensor, method: str = "per_layer", micro_batch_size: int = 4,
-                      passes: int = 2, kinds: tuple[str, ...] = KINDS) -> dict[str, float]:
+                      passes: int = 2, kinds: tuple[str, ...] = KINDS, sparsity: Optional[float] = None,
+                      writable: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext
+                      ) -> dict[str, float]:
     """Shift router biases (see module doc); returns the deterministic skip rate per kind measured on the
     calibration text before the last shift. Several passes, because skipping in one layer changes the hidden
     states, and so the margins, of the layers above.
@@ -98,16 +156,22 @@ def calibrate_routers(model, sequences: torch.Tensor, method: str = "per_layer",
     With per-kind targets each kind is calibrated to its own; with one global target attention and MLP routers
     are calibrated together, so the split between kinds stays the one training learned. `kinds` = one kind only:
     that kind's routers alone move, to meet the overall target with the other kind as it stands (e.g. ("attn",)
-    when a small model's MLP routers have learned that nearly no MLP can be skipped)."""
+    when a small model's MLP routers have learned that nearly no MLP can be skipped). `sparsity`: one overall
+    target instead of the routers' own. Every rank of a sharded model calls this with the same sequences and
+    computes the same shifts from the gathered margins; `writable()` is the context in which the biases are
+    written (Engine.writable: ZeRO-3 gathers them and updates the optimiser's fp32 masters)."""
     unknown = set(kinds) - set(KINDS)
     if unknown or not kinds:
         raise ValueError(f"kinds must be a non-empty subset of {KINDS}, got {kinds}")
+    cfg = routing_context(model).cfg
+    if sparsity is not None:
+        cfg = dataclasses.replace(cfg, target_sparsity=sparsity, target_sparsity_attn=None, target_sparsity_mlp=None)
     rates, layer_rates = {}, {}
     for _ in range(passes):
         margins = collect_margins(model, sequences, micro_batch_size)
-        rates = {kind: float(torch.cat(margins[kind]).lt(0).float().mean()) for kind in KINDS}
+        rates = skip_rates(margins)
         shifts = {kind: [0.0] * len(margins[kind]) for kind in KINDS}
-        for group, target in calibration_groups(routing_context(model).cfg, kinds, rates):
+        for group, target in calibration_groups(cfg, kinds, rates):
             lists = [m for kind in group for m in margins[kind]]
             if method == "global":
                 found = global_shifts(lists, target)
@@ -116,7 +180,8 @@ def calibrate_routers(model, sequences: torch.Tensor, method: str = "per_layer",
                 found = [_shift_for_rate(m, rate) for m, rate in zip(lists, layer_rates[group])]
             for i, kind in enumerate(group):
                 shifts[kind] = found[i * len(margins[kind]):(i + 1) * len(margins[kind])]
-        apply_shifts(model, shifts)
+        with writable():
+            apply_shifts(model, shifts)
     return rates
 
 

@@ -64,6 +64,11 @@ class Router(nn.Module):
         """Set (or with add=True shift) the execute - skip margin the last bias contributes: [m/2, -m/2]."""
         bias = self.last_linear.bias
         value = torch.tensor([margin / 2, -margin / 2], dtype=bias.dtype, device=bias.device)
+        if hasattr(bias, "device_mesh"):  # an FSDP2 DTensor: each rank holds a slice of the (2,) bias
+            from torch.distributed.tensor import distribute_tensor
+
+            # every rank passes the same full value and keeps its own slice (no communication)
+            value = distribute_tensor(value, bias.device_mesh, bias.placements, src_data_rank=None)
         bias.add_(value) if add else bias.copy_(value)
 
     def forward(self, h: torch.Tensor, scale: Optional[torch.Tensor] = None) -> torch.Tensor:

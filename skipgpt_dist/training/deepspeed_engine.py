@@ -24,6 +24,7 @@ the checkpoint's portable state (training/portable.py) on any other layout or ba
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import math
@@ -346,6 +347,26 @@ class DeepSpeedEngine(Engine):
         else:
             out.update({n: p.detach().cpu().clone() for n, p in rest})
         return out
+
+    @contextlib.contextmanager
+    def writable(self, params):
+        """Engine.writable. ZeRO-3: the full parameters are gathered for the write and rank 0's values (the same
+        on every rank) re-partitioned after it. Every stage: a trainable parameter's fp32 master partition, which
+        DeepSpeed's optimiser steps and copies back over the working weights (a copy apart from them on a bf16
+        base, with offload, under ZeRO-1/2), takes the new full value too, or the next step would undo the write."""
+        from deepspeed.utils import safe_set_full_fp32_param
+
+        params = list(params)
+        gathered = contextlib.nullcontext()
+        if self.stage == 3:
+            import deepspeed
+
+            gathered = deepspeed.zero.GatheredParameters(params, modifier_rank=0)
+        with gathered, torch.no_grad():
+            yield
+            for param in params:
+                if param.requires_grad:  # frozen parameters have no master copy
+                    safe_set_full_fp32_param(param, param.data)
 
     # ------------------------------------------------------------ portable state (any back end, any world size)
 

@@ -5,6 +5,7 @@ methods (see deepspeed_engine.py / fsdp2_engine.py), so the loop never branches 
 """
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 from typing import Callable
 
@@ -48,6 +49,14 @@ class Engine:
     def gather_params(self, predicate: Callable[[str], bool]) -> dict[str, torch.Tensor]:
         """Full (unsharded) CPU copies of matching parameters; complete on rank 0. Called on every rank."""
         raise NotImplementedError
+
+    def writable(self, params) -> contextlib.AbstractContextManager:
+        """A context in which `params` can be written in place through their modules (e.g. router biases set by a
+        warm start or calibration), every rank writing the same full values; the update reaches what the forward
+        reads and what the optimiser steps. Here (one process; FSDP2, whose optimiser steps the sharded DTensors
+        themselves, written through distribute_tensor by Router.set_margin_bias) nothing is needed; DeepSpeed
+        overrides it. Called on every rank."""
+        return contextlib.nullcontext()
 
     def save_portable(self, folder: Path) -> None:
         """The trainable parameters and their AdamW state as full fp32 tensors under back-end-independent names,

@@ -26,7 +26,7 @@ from .evaluate import evaluate
 from .losses import dense_teacher, distill_loss, global_sparsity_loss, lm_loss
 from .model_setup import build_model, describe_trainable
 from .portable import PORTABLE_DIR, portable_reason
-from .warm_start import warm_start_routers
+from .warm_start import calibrate_stage2, restore_warm_start, warm_start_routers
 from .reporting import RunReporter, finite_or_none, log
 from .schedule import temperature
 
@@ -215,6 +215,7 @@ def resume(ckpts, engine, cfg, batches) -> int:
     else:
         log(f"resuming {path} from its portable state ({PORTABLE_DIR}/): {portable}")
         engine.load_portable(Path(path) / PORTABLE_DIR)
+    restore_warm_start(cfg, engine.model, Path(path))
     batches.load_state_dict(state["data_position"])
     ckpts.restore_rng(path, D.rank())
     log(f"resumed from {path} at step {state['step']}")
@@ -231,7 +232,6 @@ def run(cfg) -> RunResult:
     lock = acquire_run_lock(cfg.run_dir, log)
     try:
         batches, held_out = build_data(cfg, tokenizer)
-        warm_start_routers(cfg, model, batches)
         engine = make_engine(cfg, model)
         ckpts = CheckpointManager(cfg.run_dir, cfg.checkpoint.keep_last)
         step = resume(ckpts, engine, cfg, batches)
@@ -240,6 +240,11 @@ def run(cfg) -> RunResult:
             save_config(cfg, Path(cfg.run_dir) / "config.yaml")
             tokenizer.save_pretrained(Path(cfg.run_dir) / "tokenizer")
         D.barrier()
+        # A fresh run shapes its routers on the engine's (sharded) model, on every rank; a resumed one has them,
+        # and its capacity plan, from the checkpoint.
+        if step == 0:
+            warm_start_routers(cfg, engine, batches)
+            calibrate_stage2(cfg, engine, batches)
         log(f"stage {cfg.stage.stage} on {model_dir}: {describe_trainable(model)}; backend {engine.name}, "
             f"world size {D.world_size()}, global batch {cfg.global_batch_size(D.world_size())} x "
             f"{cfg.data.seq_len}")
