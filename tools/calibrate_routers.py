@@ -36,12 +36,15 @@ def parse_args(argv):
     p.add_argument("--data", nargs="+", default=None, help="calibration text (default: the run's data.train_files)")
     p.add_argument("--sequences", type=int, default=16, help="calibration sequences")
     p.add_argument("--eval-data", nargs="+", default=None, help="held-out text for the ppl line (default: the run's)")
+    p.add_argument("--device", default=None, help="where the model runs (default: cuda if available, else cpu)")
     return p.parse_args(argv)
 
 
-def calibrate_checkpoint(checkpoint, out, sparsity=None, method="per_layer", data=None, sequences=16, kinds="both"):
+def calibrate_checkpoint(checkpoint, out, sparsity=None, method="per_layer", data=None, sequences=16, kinds="both",
+                         device=None):
     """Write `out`, a copy of `checkpoint` with calibrated routers; returns (model, tokenizer, cfg, skip rates
-    before calibration). The model is the calibrated one, in eval mode."""
+    before calibration). The model is the calibrated one, in eval mode, on `device` (tool_device's default: cuda
+    if available). The calibration is routing/calibrate.py's, the code stage.calibrate runs inside training."""
     out = Path(out).expanduser()
     if out.exists():
         raise SkipGPTError(f"--out {out} already exists: choose a new folder (the calibrated copy never overwrites)")
@@ -52,10 +55,11 @@ def calibrate_checkpoint(checkpoint, out, sparsity=None, method="per_layer", dat
     from skipgpt_dist.data import packed_eval_sequences
     from skipgpt_dist.routing import routing_context, save_routers
     from skipgpt_dist.routing.calibrate import calibrate_routers
-    from skipgpt_dist.training.restore import load_checkpoint_model
+    from skipgpt_dist.training.restore import load_checkpoint_model, tool_device
 
     source = find_checkpoint(checkpoint, key="checkpoint")
     model, tokenizer, cfg = load_checkpoint_model(str(source))
+    model.to(tool_device(device))
     router_cfg = routing_context(model).cfg
     if sparsity is not None:
         router_cfg.target_sparsity = sparsity
@@ -86,7 +90,7 @@ def main(argv=None):
 
     torch.manual_seed(0)
     model, tokenizer, cfg, before = calibrate_checkpoint(args.checkpoint, args.out, args.sparsity, args.method,
-                                                         args.data, args.sequences, args.kinds)
+                                                         args.data, args.sequences, args.kinds, args.device)
     from skipgpt_dist.routing import routing_context
 
     result = {"checkpoint": str(args.out), "method": args.method, "kinds": args.kinds,

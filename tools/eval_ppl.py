@@ -2,10 +2,14 @@
 
     python tools/eval_ppl.py runs/tiny --data builtin:shakespeare-eval
     python tools/eval_ppl.py runs/smollm2_stage1/checkpoints/step_00000060 --data my_eval.jsonl --sequences 32
+    torchrun --nproc_per_node 4 tools/eval_ppl.py runs/smollm2_stage1 --sequences 256   # sequences split over ranks
 
 Prints one JSON line: {"ppl_routed", "ppl_dense", "ppl_ratio", "attn_sparsity", "mlp_sparsity", "sparsity", ...}.
+Under torchrun every rank holds the whole model on its device and scores its share of the sequences; the sums of
+NLL, token and execution counts are all-reduced, so the line (printed by rank 0) is what one process prints.
 """
 import argparse
+import atexit
 import json
 import os
 import sys
@@ -27,6 +31,8 @@ def main(argv=None):
     parser.add_argument("--mode", choices=["mask", "capacity", "expert_choice"], default=None,
                         help="execution mode to evaluate with (default: the trained one)")
     parser.add_argument("--capacity", type=float, default=None)
+    parser.add_argument("--device", default=None, help="where the model runs (default: cuda if available, under "
+                                                         "torchrun each rank's own GPU; else cpu)")
     args = parser.parse_args(argv)
     if args.batch_size < 1:
         raise SkipGPTError(f"--batch-size={args.batch_size} must be >= 1")
@@ -38,18 +44,44 @@ def main(argv=None):
     import torch
 
     from skipgpt_dist.data import packed_eval_sequences
+    from skipgpt_dist.training import distributed as D
     from skipgpt_dist.training.evaluate import evaluate
-    from skipgpt_dist.training.restore import load_checkpoint_model
+    from skipgpt_dist.training.restore import load_checkpoint_model, tool_device
 
     torch.manual_seed(0)
+    device = tool_device(args.device)
+    join_ranks(device)
     model, tokenizer, cfg = load_checkpoint_model(args.checkpoint, args.mode, args.capacity)
+    model.to(device)
     seq_len = args.seq_len or cfg.data.seq_len
+    if not D.is_main():  # rank 0 tokenises first, so `datasets` caches the text once; the others then read it
+        D.barrier()
     held_out = packed_eval_sequences(args.data, tokenizer, seq_len, args.sequences, text_field=cfg.data.text_field,
                                      at_most=True)
-    result = evaluate(model, held_out, args.batch_size)
+    if D.is_main():
+        D.barrier()
+    result = evaluate(model, held_out, args.batch_size)  # each rank scores its share; the sums are all-reduced
     result["ppl_ratio"] = result["ppl_routed"] / result["ppl_dense"]
     result.update(checkpoint=args.checkpoint, seq_len=seq_len)
-    print(json.dumps(result))
+    if D.is_main():
+        print(json.dumps(result), flush=True)
+    D.barrier()
+
+
+def join_ranks(device) -> None:
+    """Under torchrun (WORLD_SIZE > 1): join the process group, gloo for CPU tensors plus NCCL for CUDA ones on a
+    GPU (collectives run on the right device through all_reduce_sum); one process starts none."""
+    import torch
+    import torch.distributed as dist
+
+    from skipgpt_dist.training import distributed as D
+
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or D.is_distributed():
+        return
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    dist.init_process_group(D.backend_string(device.type == "cuda"))
+    atexit.register(dist.destroy_process_group)
 
 
 if __name__ == "__main__":

@@ -26,6 +26,7 @@ def main(argv=None):
     parser.add_argument("--mode", choices=["mask", "capacity", "expert_choice"], default=None,
                         help="execution mode (default: the trained one)")
     parser.add_argument("--capacity", type=float, default=None)
+    parser.add_argument("--device", default=None, help="where the model runs (default: cuda if available, else cpu)")
     args = parser.parse_args(argv)
 
     text = args.text
@@ -43,8 +44,10 @@ def main(argv=None):
     import torch
 
     from skipgpt_dist.report import collect_routing, load_for_report, write_report
+    from skipgpt_dist.training.restore import tool_device
 
     torch.manual_seed(0)
+    device = tool_device(args.device)
     from safetensors import SafetensorError
 
     try:
@@ -52,7 +55,7 @@ def main(argv=None):
     except SafetensorError as err:  # an exported folder's weights (checkpoints are checked in training/restore.py)
         raise SkipGPTError(f"a safetensors file under {args.model} is not readable ({str(err).splitlines()[0][:160]}): "
                            "it is truncated or corrupt; export or copy it again") from None
-    report = collect_routing(model, tokenizer, text, args.max_tokens)
+    report = collect_routing(model.to(device), tokenizer, text, args.max_tokens)  # the ids follow the model
     report["model"] = args.model
     png, js = write_report(report, args.out)
     print(f"{report['num_tokens']} tokens, attention execute {report['attn_execute']:.3f}, MLP execute "

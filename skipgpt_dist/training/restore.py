@@ -34,3 +34,21 @@ def load_checkpoint_model(path: str, mode: str | None = None, capacity: float | 
         except SafetensorError as err:
             raise weights_error(f"the LoRA adapter in {adapter}", err) from None
     return model.eval(), tokenizer, cfg
+
+
+def tool_device(name: str | None):
+    """The device a tool's --device names; None: this rank's GPU (cuda:LOCAL_RANK) when CUDA is available, else
+    the CPU."""
+    import torch
+
+    from .distributed import local_device
+
+    if name is None:
+        return local_device()
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise SkipGPTError(f"--device={name} is not a device: use cpu, cuda or cuda:N") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise SkipGPTError(f"--device={name} but CUDA is not available here: use --device cpu")
+    return local_device() if device.type == "cuda" and device.index is None else device  # torchrun: own GPU
