@@ -13,6 +13,10 @@ with the lowest margins skip, as many as training skipped in expectation:
   wherever they are).
 The result is still a router (same architecture, only the last bias changes), so every execution mode, export and
 the decode path see calibrated decisions without special cases.
+
+On several ranks (stage.calibrate in a sharded training job) every rank passes the same sequences, runs its share
+of them and gathers the margins of all (sequence_records, through training.distributed's all_reduce_sum), so
+every rank computes the same shifts; in one process (tools/calibrate_routers.py) that is every sequence.
 """
 from __future__ import annotations
 
