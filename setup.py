@@ -8,7 +8,8 @@ setup(
     description="Distributed SkipGPT: per-token attention/MLP skipping with real compute savings",
     packages=find_packages(include=["skipgpt_dist", "skipgpt_dist.*"]),
     # lm-eval task files (YAML + questions) travel with the package: --include_path skipgpt_dist/lm_eval_tasks
-    package_data={"skipgpt_dist.lm_eval_tasks.skipgpt_mc": ["*.yaml", "*.jsonl"]},
+    package_data={"skipgpt_dist.lm_eval_tasks.skipgpt_mc": ["*.yaml", "*.jsonl"],
+                  "skipgpt_dist.lm_eval_tasks.skipgpt_general_mc": ["*.yaml", "*.jsonl"]},
     python_requires=">=3.10",
     install_requires=[
         "torch>=2.6,<2.15",

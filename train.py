@@ -33,7 +33,7 @@ def main(argv=None) -> int:
     overrides = list(args.overrides)
     if args.ds_config:
         overrides += ["parallel.backend=deepspeed", f"parallel.ds_config={args.ds_config}"]
-    result = run(load_config(args.config, overrides))
+    result = run(load_config(args.config, overrides, for_training=True))
     from skipgpt_dist.training.backends import exit_process
     from skipgpt_dist.training.distributed import is_main
 

@@ -1,16 +1,24 @@
-"""SkipGPT against static pruning on a real model: the paper's table in miniature.
+"""SkipGPT against static pruning on a real model: the paper's table in miniature, trained by the cluster recipe.
 
-On SmolLM2-135M and Shakespeare (train plays -> held-out plays), perplexity of
-- the dense model;
+On SmolLM2-135M, trained on general English (builtin:general-train) and scored on its held-out split and on held-out
+Hamlet, perplexity of
+- the dense base model;
 - ShortGPT static pruning at the same sublayer sparsity: the whole layers with the lowest block influence dropped,
   and (the strongest static baseline for attention) attention sublayers only;
-- SkipGPT stage 1 (routers tuned, base frozen) and stage 1 + LoRA stage 2,
-each at 25% and 40% sparsity. Sparsity is the fraction of sublayer executions skipped (attention and MLP counted
-alike, as in the paper); the table also gives the fraction of the decoder's matmul FLOPs skipped.
+- SkipGPT stage 1 (routers tuned, base frozen) in real-skipping `capacity` mode (the recipe) and, side by side,
+  in the `mask` reference mode (every sublayer runs, the paper's estimator); stage 2 (LoRA, routers calibrated in
+  the job and held at the target) on the capacity stage 1,
+each at 25% and 40% sparsity. Every SkipGPT run is `train.py` on the SAME config files the Slurm scripts submit
+(`slurm/configs/stage1_70b.yaml`, `stage2_70b.yaml`), scaled down only in model, data, sizes and steps, and by
+default through 2-rank FSDP2 (`torchrun --standalone`, gloo on CPU): the code that runs at 70B produces the table.
+Sparsity is the fraction of sublayer executions skipped (attention and MLP counted alike, as in the paper); the
+table also gives the fraction of the decoder's matmul FLOPs skipped at evaluation, and during training (the slots
+the routed sublayers ran: capacity mode skips compute while it trains, mask mode runs everything).
 
-    python bench/quality.py                  # full: SmolLM2-135M, both sparsities (under an hour on 2 CPU cores)
-    python bench/quality.py --quick          # smoke run on the builtin tiny model (about a minute)
-    python bench/quality.py --out runs/quality --sparsities 0.25
+    python bench/quality.py                  # full: SmolLM2-135M, both sparsities (hours on 2 CPU cores)
+    python bench/quality.py --sparsities 0.25 --stage1-modes capacity mask
+    python bench/quality.py --quick          # smoke run on the builtin tiny model (a few minutes)
+    python bench/quality.py --ranks 1        # one process (parallel.backend=none) instead of 2-rank FSDP2
 
 Writes OUT/quality.md (the table and the training budget), OUT/quality.json and OUT/quality.png, and prints the
 table. Every training run is an ordinary train.py run folder under OUT (config.yaml, metrics.jsonl, checkpoints).
@@ -21,6 +29,7 @@ import argparse
 import json
 import math
 import os
+import subprocess
 import sys
 import time
 from dataclasses import dataclass, field
@@ -32,31 +41,41 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from skipgpt_dist.errors import SkipGPTError, run_cli  # noqa: E402
 
+GENERAL_EVAL, HAMLET_EVAL = "builtin:general-eval", "builtin:shakespeare-eval"
+# Overrides that scale the cluster configs down to this machine: the model, its dtype, the data, the batch
+# (global batch 4 x 256 tokens whatever the rank count), no checkpoints or intermediate evaluations.
+CLUSTER_TO_CPU = ["model.dtype=float32", "parallel.mixed_precision=none", "parallel.activation_checkpointing=false",
+                  "data.train_files=[builtin:general-train]", f"data.eval_files=[{GENERAL_EVAL}]",
+                  "optim.grad_accum_steps=1", "checkpoint.every_steps=0", "eval.every_steps=0"]
+
 
 @dataclass
 class Preset:
     stage1_config: str
     stage2_config: str
-    common: list[str]  # overrides of both stages (data and eval sizes)
-    stage1: list[str]  # the stage-1 recipe
+    common: list[str]  # overrides of both stages (model, data and eval sizes)
+    stage1: list[str]  # the stage-1 schedule
     stage2: list[str]
     calibration_sequences: int
+    eval_sequences: int
 
 
 PRESETS = {
     "full": Preset(
-        stage1_config="configs/smollm2_stage1.yaml", stage2_config="configs/smollm2_stage2.yaml",
-        common=["data.seq_len=256", "data.eval_sequences=32", "checkpoint.every_steps=0", "logging.progress=true"],
-        stage1=["optim.max_steps=60", "optim.lr=1e-3", "routers.init_margin=5", "routers.init=block_influence"],
-        stage2=["optim.max_steps=120", "optim.lr=2e-3", "routers.mode=mask", "stage.train_routers=true"],
-        calibration_sequences=16),
+        stage1_config="slurm/configs/stage1_70b.yaml", stage2_config="slurm/configs/stage2_70b.yaml",
+        common=CLUSTER_TO_CPU + ["model.path=builtin:smollm2-135m", "data.seq_len=256", "data.eval_sequences=32"],
+        stage1=["optim.max_steps=60", "optim.lr=1e-3", "optim.warmup_steps=5"],
+        stage2=["optim.max_steps=120", "optim.lr=2e-3", "optim.warmup_steps=5"],
+        calibration_sequences=16, eval_sequences=32),
     "quick": Preset(
-        stage1_config="configs/tiny.yaml", stage2_config="configs/tiny_stage2.yaml",
-        common=["data.seq_len=64", "data.eval_sequences=4", "checkpoint.every_steps=0", "logging.progress=false"],
-        stage1=["optim.max_steps=4", "routers.mode=mask", "routers.init_margin=5", "routers.init=block_influence"],
-        stage2=["optim.max_steps=3", "routers.mode=mask", "stage.lora.r=4", "stage.train_routers=true"],
-        calibration_sequences=4),
+        stage1_config="slurm/configs/stage1_70b.yaml", stage2_config="slurm/configs/stage2_70b.yaml",
+        common=CLUSTER_TO_CPU + ["model.path=builtin:tiny", "data.seq_len=64", "data.eval_sequences=4"],
+        stage1=["optim.max_steps=4", "optim.warmup_steps=1"],
+        stage2=["optim.max_steps=3", "optim.warmup_steps=1", "stage.lora.r=4"],
+        calibration_sequences=4, eval_sequences=4),
 }
+# Stage 1 in the reference mode: every sublayer runs and is multiplied by the gate (the paper's estimator).
+MASK_MODE = ["routers.mode=mask", "routers.gate_grad=dense"]
 
 
 @dataclass
@@ -68,6 +87,9 @@ class Row:
     mlp_sparsity: float
     flops_skipped: float
     ppl_routing_off: float  # the same weights with every sublayer executed (after LoRA: the fine-tuned dense model)
+    ppl_hamlet: float | None = None  # the same model on held-out Hamlet (the plays: another domain)
+    train_flops_skipped: float | None = None  # share of sublayer FLOPs its training did not run (slots)
+    train_minutes: float | None = None
     note: str = ""
     extra: dict = field(default_factory=dict)
 
@@ -84,7 +106,14 @@ def parse_args(argv):
     p.add_argument("--stage1-steps", type=int, default=None, help="override the preset's stage-1 steps")
     p.add_argument("--stage2-steps", type=int, default=None, help="override the preset's stage-2 steps")
     p.add_argument("--skip-training", action="store_true", help="only dense and the static baselines")
+    p.add_argument("--stage1-modes", nargs="+", choices=["capacity", "mask"], default=["capacity", "mask"],
+                   help="stage-1 runs per sparsity: capacity (the recipe, real skipping) and/or mask (the "
+                        "reference); stage 2 trains on the first")
+    p.add_argument("--ranks", type=int, default=2,
+                   help="ranks per training run: 2 (default) = torchrun FSDP2 on gloo, 1 = one process")
     args = p.parse_args(argv)
+    if args.ranks < 1:
+        raise SkipGPTError(f"--ranks {args.ranks} must be >= 1: 2 runs the recipe through FSDP2, 1 in one process")
     for s in args.sparsities:
         if not 0.0 < s < 1.0:
             raise SkipGPTError(f"--sparsities {s} is out of range: use fractions in (0, 1), e.g. 0.25 0.40")
@@ -114,8 +143,9 @@ def flops_skipped(attn_sparsity: float, mlp_sparsity: float, flops: tuple[float,
 # ---------------------------------------------------------------- dense and static baselines
 
 
-def static_rows(preset: Preset, sparsities, out: Path) -> tuple[list[Row], float, tuple[float, float]]:
-    """Dense perplexity and ShortGPT baselines, all with the routed model's own evaluation."""
+def static_rows(preset: Preset, sparsities, out: Path):
+    """ShortGPT baselines (and the oracle), all with the routed model's own evaluation; (rows, (dense ppl on the
+    general held-out text, on Hamlet), sublayer FLOPs)."""
     from skipgpt_dist.config import load_config
     from skipgpt_dist.static_pruning import (attention_drop_plan, block_influence, layer_drop_plan,
                                              set_static_routing)
@@ -123,9 +153,12 @@ def static_rows(preset: Preset, sparsities, out: Path) -> tuple[list[Row], float
     from skipgpt_dist.training.loop import build_data
     from skipgpt_dist.training.model_setup import build_model
 
-    cfg = load_config(str(ROOT / preset.stage1_config), preset.common + ["routers.mode=mask", f"run_dir={out}/static"])
+    overrides = preset.common + backend_overrides(1) + MASK_MODE + [f"run_dir={out}/static"]
+    cfg = load_config(str(ROOT / preset.stage1_config), overrides)
     model, tokenizer, _ = build_model(cfg)
     batches, held_out = build_data(cfg, tokenizer)
+    hamlet_cfg = load_config(str(ROOT / preset.stage1_config), overrides + [f"data.eval_files=[{HAMLET_EVAL}]"])
+    hamlet = build_data(hamlet_cfg, tokenizer)[1]
     calibration = batches.peek_sequences(preset.calibration_sequences)
     flops = sublayer_flops(model.config)
     log(f"block influence on {len(calibration)} training sequences")
@@ -136,14 +169,15 @@ def static_rows(preset: Preset, sparsities, out: Path) -> tuple[list[Row], float
             attn_skip, mlp_skip = plan(influence, sparsity)
             set_static_routing(model, attn_skip, mlp_skip)
             result = evaluate(model, held_out, cfg.optim.micro_batch_size)
-            dense_ppl = result["ppl_dense"]
+            on_hamlet = evaluate(model, hamlet, cfg.optim.micro_batch_size)
+            dense_ppl, dense_hamlet = result["ppl_dense"], on_hamlet["ppl_dense"]
             rows.append(Row(method, sparsity, result["ppl_routed"], result["attn_sparsity"], result["mlp_sparsity"],
                             flops_skipped(result["attn_sparsity"], result["mlp_sparsity"], flops), dense_ppl,
-                            note=f"attn {attn_skip} mlp {mlp_skip}"))
+                            ppl_hamlet=on_hamlet["ppl_routed"], note=f"attn {attn_skip} mlp {mlp_skip}"))
             log(f"{method} @ {sparsity:.0%}: ppl {rows[-1].ppl:.2f}")
     rows += oracle_rows(model, calibration, held_out, sparsities, cfg.optim.micro_batch_size, dense_ppl, flops)
     (out / "block_influence.json").write_text(json.dumps({"layer": influence.layer, "attn": influence.attn}) + "\n")
-    return rows, dense_ppl, flops
+    return rows, (dense_ppl, dense_hamlet), flops
 
 
 ORACLE = "Output-norm oracle (reference)"
@@ -167,19 +201,58 @@ def oracle_rows(model, calibration, held_out, sparsities, micro_batch_size: int,
 # ---------------------------------------------------------------- SkipGPT training
 
 
-def train_stage(config: str, overrides: list[str]) -> dict:
-    """One train.py run in this process; returns its final evaluation and wall time."""
-    from skipgpt_dist.config import load_config
-    from skipgpt_dist.training.loop import run
+def backend_overrides(ranks: int) -> list[str]:
+    return ["parallel.backend=fsdp2" if ranks > 1 else "parallel.backend=none"]
 
-    cfg = load_config(str(ROOT / config), overrides)
+
+def launch(script: str, args: list[str], ranks: int) -> subprocess.CompletedProcess:
+    """python SCRIPT ARGS, or torchrun --standalone of it on `ranks` CPU ranks (gloo), output passed through."""
+    if ranks > 1:
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={ranks}",
+               str(ROOT / script), *args]
+    else:
+        cmd = [sys.executable, str(ROOT / script), *args]
+    env = {**os.environ, "OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 2) // ranks))}
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, text=True)
+    if proc.returncode != 0:
+        raise SkipGPTError(f"{script} {' '.join(args[:3])} ... failed (exit {proc.returncode}): see the output above")
+    return proc
+
+
+def train_stage(config: str, overrides: list[str], ranks: int) -> dict:
+    """One train.py run (2-rank FSDP2 by default); its final evaluation, wall time and training FLOP savings."""
+    from skipgpt_dist.config import load_config
+
+    cfg = load_config(str(ROOT / config), overrides, for_training=True)  # a bad override fails before any launch
     start = time.perf_counter()
-    result = run(cfg)
-    if result.final_eval is None:
+    launch("train.py", ["--config", str(ROOT / config), *overrides], ranks)
+    seconds = time.perf_counter() - start
+    final = Path(cfg.run_dir) / "final_eval.json"
+    if not final.is_file():
         raise SkipGPTError(f"{cfg.run_dir}: the run ended without a final evaluation")
-    tokens = cfg.optim.max_steps * cfg.global_batch_size(1) * cfg.data.seq_len
-    return {"eval": result.final_eval, "seconds": time.perf_counter() - start, "steps": cfg.optim.max_steps,
+    tokens = cfg.optim.max_steps * cfg.global_batch_size(ranks) * cfg.data.seq_len
+    return {"eval": json.loads(final.read_text()), "seconds": seconds, "steps": cfg.optim.max_steps,
             "tokens": tokens, "run_dir": cfg.run_dir}
+
+
+def eval_other(run_dir: Path, data: str, sequences: int, ranks: int) -> dict:
+    """tools/eval_ppl.py on another held-out set (under torchrun when ranks > 1): its JSON line."""
+    proc = launch("tools/eval_ppl.py", [str(run_dir), "--data", data, "--sequences", str(sequences)], ranks)
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def training_flops_skipped(run_dir: Path, flops: tuple[float, float]) -> float:
+    """Share of the routed sublayers' FLOPs a run's training steps did not compute: capacity mode runs its slots
+    (per layer and kind, from the saved router config), mask mode every sublayer on every token."""
+    from skipgpt_dist.checkpoint import ROUTERS_FILE, find_checkpoint
+    from skipgpt_dist.training.model_setup import saved_router_config
+
+    cfg = saved_router_config(find_checkpoint(str(run_dir)) / ROUTERS_FILE)
+    if cfg.mode == "mask":
+        return 0.0
+    layers = len(cfg.layer_capacity["attn"]) if cfg.layer_capacity else 1
+    attn, mlp = cfg.mean_capacity(layers)
+    return flops_skipped(1.0 - attn, 1.0 - mlp, flops)
 
 
 def kind_targets(sparsity: float, attn_share: float, attn_cap: float) -> tuple[float, float]:
@@ -196,63 +269,74 @@ def kind_targets(sparsity: float, attn_share: float, attn_cap: float) -> tuple[f
 STAGE1_SPLIT, STAGE2_SPLIT = dict(attn_share=0.9, attn_cap=0.9), dict(attn_share=1.0, attn_cap=0.75)
 
 
-def calibrate(stage1_dir: Path, out: Path, sparsity: float, sequences: int) -> dict:
-    """tools/calibrate_routers.py on the stage-1 run; the held-out evaluation of the calibrated routers."""
-    from skipgpt_dist.training.evaluate import evaluate
-    from skipgpt_dist.training.loop import build_data
-    from tools.calibrate_routers import calibrate_checkpoint
+def targets(sparsity: float, split: dict) -> list[str]:
+    attn, mlp = kind_targets(sparsity, **split)
+    return [f"routers.target_sparsity={sparsity}", f"routers.target_sparsity_attn={attn}",
+            f"routers.target_sparsity_mlp={mlp}"]
 
-    start = time.perf_counter()
-    # attention routers only: the MLP routers of this small model learn to skip almost no MLP at evaluation, and
-    # forcing MLP skips by threshold costs far more than skipping more attention (README, Quality)
-    model, tokenizer, cfg, _ = calibrate_checkpoint(stage1_dir, out, sparsity, "per_layer", None, sequences, "attn")
-    held_out = build_data(cfg, tokenizer)[1]
-    return {"eval": evaluate(model, held_out, cfg.optim.micro_batch_size), "seconds": time.perf_counter() - start,
-            "steps": 0, "tokens": sequences * cfg.data.seq_len, "run_dir": str(out)}
+
+def run_row(method: str, sparsity: float, run: dict, preset: Preset, ranks: int, flops) -> Row:
+    e = run["eval"]
+    hamlet = eval_other(Path(run["run_dir"]), HAMLET_EVAL, preset.eval_sequences, ranks)
+    return Row(method, sparsity, e["ppl_routed"], e["attn_sparsity"], e["mlp_sparsity"],
+               flops_skipped(e["attn_sparsity"], e["mlp_sparsity"], flops), e["ppl_dense"],
+               ppl_hamlet=hamlet["ppl_routed"], train_flops_skipped=training_flops_skipped(Path(run["run_dir"]), flops),
+               train_minutes=run["seconds"] / 60,
+               extra={"steps": run["steps"], "tokens": run["tokens"], "seconds": run["seconds"],
+                      "hamlet": hamlet})
+
+
+STAGE1_METHODS = {"capacity": "SkipGPT stage 1, capacity (recipe)", "mask": "SkipGPT stage 1, mask (reference)"}
+STAGE2_METHOD = "SkipGPT stage 1 + 2 (calibrated, LoRA)"
 
 
 def skipgpt_rows(preset: Preset, args, sparsity: float, out: Path, flops) -> tuple[list[Row], list[dict]]:
+    """Stage 1 in each of args.stage1_modes, then stage 2 (in-job calibration to the target, LoRA, routers held at
+    the target) on the first one, every run on the cluster config files."""
     tag = f"{round(sparsity * 100)}"
     stage1 = preset.stage1 + ([f"optim.max_steps={args.stage1_steps}"] if args.stage1_steps else [])
     stage2 = preset.stage2 + ([f"optim.max_steps={args.stage2_steps}"] if args.stage2_steps else [])
-    s1_dir, cal_dir, s2_dir = out / f"stage1_{tag}", out / f"stage1_{tag}_calibrated", out / f"stage2_{tag}"
-    log(f"SkipGPT stage 1 @ {sparsity:.0%} -> {s1_dir}")
-    attn, mlp = kind_targets(sparsity, **STAGE1_SPLIT)
-    s1 = train_stage(preset.stage1_config, preset.common + stage1 + [
-        f"routers.target_sparsity={sparsity}", f"routers.target_sparsity_attn={attn}",
-        f"routers.target_sparsity_mlp={mlp}", f"run_dir={s1_dir}", "checkpoint.resume=never"])
-    log(f"calibrating stage-1 routers to {sparsity:.0%} -> {cal_dir}")
-    cal = calibrate(s1_dir, cal_dir, sparsity, preset.calibration_sequences)
-    log(f"SkipGPT stage 2 (LoRA) @ {sparsity:.0%} -> {s2_dir}")
-    attn2, mlp2 = kind_targets(sparsity, **STAGE2_SPLIT)
-    s2 = train_stage(preset.stage2_config, preset.common + stage2 + [
-        f"routers.target_sparsity={sparsity}", f"routers.target_sparsity_attn={attn2}",
-        f"routers.target_sparsity_mlp={mlp2}", f"stage.init_from={cal_dir}", f"run_dir={s2_dir}",
-        "checkpoint.resume=never"])
-    rows = []
-    for method, run in (("SkipGPT stage 1 (routers)", s1), ("SkipGPT stage 1, calibrated", cal),
-                        ("SkipGPT stage 1 + 2 (LoRA)", s2)):
-        e = run["eval"]
-        rows.append(Row(method, sparsity, e["ppl_routed"], e["attn_sparsity"], e["mlp_sparsity"],
-                        flops_skipped(e["attn_sparsity"], e["mlp_sparsity"], flops), e["ppl_dense"],
-                        extra={"steps": run["steps"], "tokens": run["tokens"], "seconds": run["seconds"]}))
-    return rows, [s1, s2]
+    common = preset.common + backend_overrides(args.ranks) + ["checkpoint.resume=never"]
+    rows, runs, first = [], [], None
+    for mode in args.stage1_modes:
+        run_dir = out / f"stage1_{mode}_{tag}"
+        log(f"SkipGPT stage 1 ({mode}) @ {sparsity:.0%} on {args.ranks} rank(s) -> {run_dir}")
+        run = train_stage(preset.stage1_config, common + stage1 + targets(sparsity, STAGE1_SPLIT)
+                          + (MASK_MODE if mode == "mask" else []) + [f"run_dir={run_dir}"], args.ranks)
+        rows.append(run_row(STAGE1_METHODS[mode], sparsity, run, preset, args.ranks, flops))
+        runs.append(run)
+        first = first or run_dir
+    s2_dir = out / f"stage2_{tag}"
+    log(f"SkipGPT stage 2 (calibration in the job, LoRA) @ {sparsity:.0%} from {first} -> {s2_dir}")
+    run = train_stage(preset.stage2_config, common + stage2 + targets(sparsity, STAGE2_SPLIT) + [
+        f"stage.init_from={first}", f"stage.calibrate.sparsity={sparsity}",
+        f"stage.calibrate.sequences={preset.calibration_sequences}", f"run_dir={s2_dir}"], args.ranks)
+    rows.append(run_row(STAGE2_METHOD, sparsity, run, preset, args.ranks, flops))
+    return rows, runs + [run]
 
 
 # ---------------------------------------------------------------- report
 
 
-def table(rows: list[Row], dense_ppl: float) -> str:
-    # x dense: against the base model. x routing off: against the same weights with every sublayer executed, which
-    # after LoRA is the fine-tuned dense model (LoRA on the training plays also adapts the model to Shakespeare).
-    lines = ["| method | target | sparsity (attn / mlp) | FLOPs skipped | ppl | x dense | x routing off |",
-             "| --- | --- | --- | --- | --- | --- | --- |",
-             f"| dense | - | 0.000 (0.000 / 0.000) | 0.000 | {dense_ppl:.2f} | 1.000 | 1.000 |"]
+def table(rows: list[Row], dense_ppl: float, dense_hamlet: float | None) -> str:
+    # x base: against the base model's own perplexity on the same text. x routing off: against the same weights
+    # with every sublayer executed, which after LoRA is the fine-tuned dense model.
+    lines = ["| method | target | sparsity (attn / mlp) | FLOPs skipped | general ppl | x base | x routing off | "
+             "Hamlet ppl | x base | training FLOPs skipped | training min |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+             f"| dense | - | 0.000 (0.000 / 0.000) | 0.000 | {dense_ppl:.2f} | 1.000 | 1.000 | "
+             f"{_num(dense_hamlet)} | 1.000 | - | - |"]
     for r in rows:
+        hamlet = "-" if r.ppl_hamlet is None or not dense_hamlet else f"{r.ppl_hamlet / dense_hamlet:.3f}"
         lines.append(f"| {r.method} | {r.target:.0%} | {r.sparsity:.3f} ({r.attn_sparsity:.3f} / "
                      f"{r.mlp_sparsity:.3f}) | {r.flops_skipped:.3f} | {r.ppl:.2f} | {r.ppl / dense_ppl:.3f} | "
-                     f"{r.ppl / r.ppl_routing_off:.3f} |")
+                     f"{r.ppl / r.ppl_routing_off:.3f} | {_num(r.ppl_hamlet)} | {hamlet} | "
+                     f"{_num(r.train_flops_skipped, 3)} | {_num(r.train_minutes, 1)} |")
     return "\n".join(lines)
+
+
+def _num(value, digits: int = 2) -> str:
+    return "-" if value is None else f"{value:.{digits}f}"
 
 
 def budget_lines(runs: list[dict]) -> str:
@@ -294,24 +378,27 @@ def main(argv=None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(0)
     start = time.perf_counter()
-    rows, dense_ppl, flops = static_rows(preset, args.sparsities, out)
+    rows, (dense_ppl, dense_hamlet), flops = static_rows(preset, args.sparsities, out)
     runs = []
     if not args.skip_training:
         for sparsity in args.sparsities:
             new_rows, new_runs = skipgpt_rows(preset, args, sparsity, out, flops)
             rows += new_rows
             runs += new_runs
-    order = ["ShortGPT layer drop", "ShortGPT attention drop", ORACLE, "SkipGPT stage 1 (routers)",
-             "SkipGPT stage 1, calibrated", "SkipGPT stage 1 + 2 (LoRA)"]
+    order = ["ShortGPT layer drop", "ShortGPT attention drop", ORACLE, *STAGE1_METHODS.values(), STAGE2_METHOD]
     rows.sort(key=lambda r: (r.target, order.index(r.method)))
-    text = table(rows, dense_ppl)
+    text = table(rows, dense_ppl, dense_hamlet)
     minutes = (time.perf_counter() - start) / 60
-    report = (f"# SkipGPT vs static pruning ({'quick' if args.quick else 'full'})\n\n{text}\n\n"
+    where = f"{args.ranks}-rank FSDP2 (torchrun, gloo)" if args.ranks > 1 else "one process"
+    report = (f"# SkipGPT vs static pruning ({'quick' if args.quick else 'full'})\n\nTrained on "
+              f"builtin:general-train with {preset.stage1_config} / {preset.stage2_config} through {where}; "
+              f"perplexity on {preset.eval_sequences} held-out sequences of {GENERAL_EVAL} and of {HAMLET_EVAL}."
+              f"\n\n{text}\n\n"
               f"Training budget:\n{budget_lines(runs)}\n\nTotal wall time {minutes:.1f} min "
               f"on {torch.get_num_threads()} threads.\n")
     (out / "quality.md").write_text(report)
     (out / "quality.json").write_text(json.dumps({
-        "dense_ppl": dense_ppl, "rows": [{**r.__dict__, "sparsity": r.sparsity} for r in rows],
+        "dense_ppl": dense_ppl, "dense_ppl_hamlet": dense_hamlet, "ranks": args.ranks, "rows": [{**r.__dict__, "sparsity": r.sparsity} for r in rows],
         "runs": [{k: v for k, v in r.items() if k != "eval"} | {"eval": r["eval"]} for r in runs],
         "minutes": minutes}, indent=2, default=str) + "\n")
     plot(rows, dense_ppl, out / "quality.png")

@@ -36,6 +36,7 @@ import json
 import os
 import sys
 from dataclasses import dataclass
+from typing import Optional
 
 import torch
 from transformers import LlamaForCausalLM
@@ -47,6 +48,7 @@ from bench.common import (SHAPES, Shape, add_allocator_option, add_device_option
                           router_linear_input, shape_config, shape_of, time_call)
 from skipgpt_dist import RouterConfig, attach_routers, routing_context, routing_stats  # noqa: E402
 from skipgpt_dist.routing import routed_layers  # noqa: E402
+from skipgpt_dist.routing.capacity_plan import warm_start_capacity  # noqa: E402
 from skipgpt_dist.training.compile import compile_layer, uncompile_layer  # noqa: E402
 
 SKIPS = (0.25, 0.40)  # capacity = 1 - skip
@@ -129,22 +131,53 @@ class Variant:
     capacity: float = 1.0
     kv_policy: str = "all"
     compiled: bool = False  # torch.compile'd decoder blocks; its ratios are against compiled dense
+    plan: Optional[tuple] = None  # a training recipe's per-layer capacities ((attn...), (mlp...)), else None
+
+    def router_config(self) -> RouterConfig:
+        layer_capacity = None if self.plan is None else {"attn": list(self.plan[0]), "mlp": list(self.plan[1])}
+        return RouterConfig(mode=self.mode, capacity=self.capacity, kv_policy=self.kv_policy,
+                            inference_slots="static", layer_capacity=layer_capacity)
+
+    def mean_capacity(self) -> tuple[float, float]:
+        """(attention, MLP) slot fractions averaged over layers (every layer has the same FLOPs)."""
+        return self.router_config().mean_capacity(len(self.plan[0])) if self.plan else (self.capacity,) * 2
 
     @property
     def baseline(self) -> str:
         return "dense+compile" if self.compiled else "dense"
 
 
-def variants(kv_policies: list[str], compiled: bool = False) -> list[Variant]:
+def recipe_plan(config_path: str, layers: int) -> Optional[tuple]:
+    """The per-layer capacities a training config runs with on a model of `layers` layers, as
+    capacity_plan=warm_start makes them (which layers the ranking marks does not change the FLOPs: every layer
+    costs the same, so the first ones stand in), or the config's per-kind / explicit plan. None for mode=mask."""
+    from skipgpt_dist.config import load_config
+
+    cfg = load_config(config_path).routers
+    if cfg.mode != "capacity":
+        return None
+    if cfg.capacity_plan == "warm_start":
+        attn_frac, mlp_frac = ((cfg.target_sparsity_attn, cfg.target_sparsity_mlp)
+                               if cfg.target_sparsity_attn is not None else (cfg.target_sparsity,) * 2)
+        plan = warm_start_capacity(layers, list(range(round(attn_frac * layers))),
+                                   list(range(round(mlp_frac * layers))), cfg.marked_capacities())
+    else:
+        plan = {kind: [cfg.capacity_for(k, i) for i in range(layers)] for k, kind in enumerate(("attn", "mlp"))}
+    return tuple(plan["attn"]), tuple(plan["mlp"])
+
+
+def variants(kv_policies: list[str], compiled: bool = False, recipe: Optional[tuple] = None) -> list[Variant]:
     out = [Variant("dense", "dense")]
     for kv in kv_policies:
         out.append(Variant(f"mask/{kv}", "mask", 1.0, kv))
         for skip in SKIPS:
             cap = round(1.0 - skip, 4)
             out.append(Variant(f"capacity{cap:.2f}/{kv}", "capacity", cap, kv))
+        if recipe is not None:  # the training recipe's own per-layer, per-kind slots
+            out.append(Variant(f"recipe/{kv}", "capacity", 1.0, kv, plan=recipe))
     if compiled:  # dense compiled vs routed compiled (capacity slots: the static-shape path that compiles whole)
         out += [Variant("dense+compile", "dense", compiled=True)] + [
-            Variant(v.name + "+compile", v.mode, v.capacity, v.kv_policy, compiled=True)
+            Variant(v.name + "+compile", v.mode, v.capacity, v.kv_policy, compiled=True, plan=v.plan)
             for v in out if v.mode == "capacity"]
     return out
 
@@ -176,7 +209,7 @@ class Bench:
         ctx = routing_context(self.routed)
         # static slots at inference too: this bench measures the k = ceil(c * S) slot path that training runs
         # (dynamic inference slots would run every token here, since every router says execute)
-        ctx.cfg = RouterConfig(mode=v.mode, capacity=v.capacity, kv_policy=v.kv_policy, inference_slots="static")
+        ctx.cfg = v.router_config()
         load_router_state(self.routed, self.states["mask" if v.mode == "mask" else "capacity"])
         return self.routed
 
@@ -277,9 +310,14 @@ def summarise(results, vs: list[Variant], parts, stats) -> list[dict]:
             if metric in results[v.name]:  # cpu: page faults; cuda: peak allocated above the resident memory
                 row[key] = median(results[v.name][metric])
         if v.mode == "capacity":
-            row["ideal_forward"] = ideal_ratio(parts, v.capacity, v.kv_policy)
+            # (per-layer plans: the layer mean, exact for kv_policy=all where every cost is linear in the slots;
+            # under routed the attention term is a mean of squares, so the mean's square slightly underestimates)
+            attn, mlp = v.mean_capacity()
+            if v.plan is not None:
+                row["mean_capacity"] = {"attn": attn, "mlp": mlp}
+            row["ideal_forward"] = ideal_ratio(parts, attn, v.kv_policy, mlp=mlp)
             row["ideal_train"] = row["ideal_forward"]
-            row["ideal_train_refined"] = ideal_ratio(parts, v.capacity, v.kv_policy, train=True)
+            row["ideal_train_refined"] = ideal_ratio(parts, attn, v.kv_policy, train=True, mlp=mlp)
             row["forward_gap"] = row["forward_ratio"] - row["ideal_forward"]
             row["train_gap"] = row["train_ratio"] - row["ideal_train"]
             row["meets_target"] = bool(row["forward_gap"] <= TARGET_FWD and row["train_gap"] <= TARGET_TRAIN)
@@ -339,6 +377,9 @@ def parse_args(argv=None):
                                               "one that records routing statistics (default 0 on cpu, 3 on cuda)")
     p.add_argument("--iters", type=int, help="calls per measurement, timed back to back (default 1 on cpu, 5 on cuda)")
     add_allocator_option(p)
+    p.add_argument("--recipe", default="configs/smollm2_stage1.yaml",
+                   help="training config whose capacities (per kind, per layer: capacity_plan=warm_start) get a "
+                        "`recipe` variant; 'none' to leave it out (default: the demo stage-1 config)")
     p.add_argument("--quick", action="store_true", help="smoke run: seq 256, 2 repeats, 4 layers (explicit flags win)")
     args = p.parse_args(argv)
     resolve_device_options(args)
@@ -369,7 +410,10 @@ def main(argv=None) -> dict:
     states = router_settings(routed, ids, mask_capacity=1.0 - SKIPS[0])
     bench = Bench(dense, routed, states, ids, compiled=args.compile, device=args.device, iters=args.iters,
                   compile_mode=args.compile_mode)
-    vs = variants(kv_policies, compiled=args.compile)
+    recipe = None if args.recipe == "none" else recipe_plan(args.recipe, args.layers)
+    if recipe is not None:
+        print(f"recipe {args.recipe}: attention slots per layer {list(recipe[0])}, MLP {list(recipe[1])}")
+    vs = variants(kv_policies, compiled=args.compile, recipe=recipe)
     by_name = {v.name: v for v in vs}
 
     parts = flop_parts(shape, args.seq_len)

@@ -456,12 +456,36 @@ def _apply_override(data: dict, override: str) -> None:
     node[leaf] = value
 
 
-def load_config(path: Optional[str] = None, overrides: Sequence[str] = ()) -> TrainConfig:
-    """Defaults <- YAML file at `path` (if given) <- `key.sub=value` overrides; validated."""
+def load_config(path: Optional[str] = None, overrides: Sequence[str] = (), for_training: bool = False) -> TrainConfig:
+    """Defaults <- YAML file at `path` (if given) <- `key.sub=value` overrides; validated. for_training: the config
+    starts a run (train.py, the Slurm preflight), so a model of one's own must name its training text."""
     data = _read_yaml(os.fspath(path)) if path is not None else {}
     for override in overrides:
         _apply_override(data, override)
-    return _from_dict(TrainConfig, data, "")
+    cfg = _from_dict(TrainConfig, data, "")
+    if for_training:
+        check_training_data_named(cfg, data)
+    return cfg
+
+
+def _builtin_model(path: str) -> bool:
+    """A builtin name, or the folder a builtin name resolves to (the asset cache's models/)."""
+    from .assets import cache_dir
+
+    if path.startswith("builtin:"):
+        return True
+    models = Path(cache_dir()) / "models"
+    return Path(os.path.abspath(os.path.expanduser(path))).parent == models
+
+
+def check_training_data_named(cfg: TrainConfig, data: dict) -> None:
+    """The builtin plays are the default training text of the builtin models only: a model of one's own (a 70B
+    checkpoint on a cluster) must name its corpus, or it would silently be tuned on 4.7 MB of Shakespeare."""
+    named = isinstance(data.get("data"), dict) and "train_files" in data["data"]
+    if not named and not _builtin_model(str(cfg.model.path)):
+        raise SkipGPTError(f"model.path={cfg.model.path} needs its training text: set data.train_files (and "
+                           "data.eval_files), e.g. data.train_files=[/data/corpus/*.jsonl] or a token-shard folder "
+                           "from tools/prepare_data.py; the builtin plays are only the builtin models' default")
 
 
 def _plain(value):

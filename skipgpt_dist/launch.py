@@ -422,7 +422,7 @@ def load_run_config(config: str | None, overrides: list[str], ds_config: str | N
     overrides = list(overrides)
     if ds_config:
         overrides += ["parallel.backend=deepspeed", f"parallel.ds_config={ds_config}"]
-    return load_config(config, overrides)
+    return load_config(config, overrides, for_training=True)
 
 
 def preflight_main(argv: list[str]) -> int:

@@ -1,5 +1,6 @@
 #!/bin/bash
-# Submit the whole recipe as three chained jobs: stage 1 -> stage 2 -> LoRA merge, each one starting only if the
+# Submit the whole recipe as three chained jobs: stage 1 -> stage 2 (its first phase calibrates the stage-1 routers
+# on every rank: stage.calibrate in slurm/configs/stage2_70b.yaml) -> LoRA merge, each one starting only if the
 # previous one succeeded (--dependency=afterok); when one fails, the jobs after it are cancelled
 # (--kill-on-invalid-dep=yes). Run it on a login node (not inside a job):
 #   MODEL_PATH=/models/Llama-2-70b-hf OUT=runs/llama70b slurm/pipeline.sh [sbatch options for all three jobs]

@@ -290,7 +290,7 @@ def test_stage2_serves_mask_trained_routers_with_real_skipping(tiny_model_dir, t
     from skipgpt_dist.training.model_setup import saved_router_config
 
     served = saved_router_config(result.checkpoint / "routers.safetensors")
-    assert (served.mode, served.capacity, served.gate_grad) == ("capacity", 0.9, "executed")
+    assert (served.mode, served.capacity, served.gate_grad) == ("capacity", 0.9, "probe")
 
 
 def test_eval_ppl_tool_prints_one_json_line(stage1_run, text_files):

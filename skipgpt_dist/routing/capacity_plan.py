@@ -13,11 +13,12 @@ KINDS = ("attn", "mlp")
 
 
 def warm_start_capacity(num_layers: int, attn_marked: list[int], mlp_marked: list[int],
-                        marked_capacity: float) -> dict[str, list[float]]:
-    """{"attn": [...], "mlp": [...]}: marked_capacity for the sublayers the warm start marks, 1.0 for the rest."""
+                        marked_capacity: tuple[float, float]) -> dict[str, list[float]]:
+    """{"attn": [...], "mlp": [...]}: the kind's marked_capacity (attention, MLP) for the sublayers the warm start
+    marks, 1.0 for the rest."""
     marked = {"attn": set(attn_marked), "mlp": set(mlp_marked)}
-    return {kind: [float(marked_capacity) if i in marked[kind] else 1.0 for i in range(num_layers)]
-            for kind in KINDS}
+    return {kind: [float(cap) if i in marked[kind] else 1.0 for i in range(num_layers)]
+            for kind, cap in zip(KINDS, marked_capacity)}
 
 
 def describe_capacity(plan: dict[str, list[float]]) -> str:

@@ -47,6 +47,9 @@ class RouterConfig:
     # for nearly every token, and an overflow there is a forced skip of a sublayer the model needs).
     capacity_plan: str = "uniform"
     marked_capacity: float = 0.5
+    # marked MLP sublayers (default: marked_capacity). 1.0 never forces an MLP skip: a small model loses far more
+    # from a forced MLP skip than from an attention one, and its MLP routers learn to execute nearly everywhere.
+    marked_capacity_mlp: Optional[float] = None
     # `all`: skipped tokens still write K/V (paper). `routed`: skipped tokens write no K/V (Mixture-of-Depths).
     kv_policy: str = "all"
     temperature_start: float = 5.0
@@ -61,7 +64,7 @@ class RouterConfig:
     # skips with probability sigmoid(-margin): 2 skips ~12% at random from the first step, which a small model
     # cannot absorb (SmolLM2-135M: loss 4 -> 7); 5 starts from a near-dense model (~0.7%).
     init_margin: float = 2.0
-    # `margin`: every router starts at init_margin. `block_influence` (stage 1, parallel.backend=none): the
+    # `margin`: every router starts at init_margin. `block_influence` (stage 1, fresh runs, any back end): the
     # sublayers a ShortGPT block-influence ranking marks as least important (as many as the target sparsity)
     # start at init_skip_margin instead, so training refines a good static plan per token rather than
     # discovering from noise which sublayers matter (skipgpt_dist/static_pruning.py).
@@ -98,8 +101,8 @@ class RouterConfig:
         _choice("attn_backend", self.attn_backend, ATTN_BACKENDS)
         _choice("gate_grad", self.gate_grad, GATE_GRADS)
         _choice("inference_slots", self.inference_slots, INFERENCE_SLOTS)
-        for key in ("capacity", "capacity_attn", "capacity_mlp", "marked_capacity"):
-            _check_fraction(key, getattr(self, key), optional=key in ("capacity_attn", "capacity_mlp"))
+        for key in ("capacity", "capacity_attn", "capacity_mlp", "marked_capacity", "marked_capacity_mlp"):
+            _check_fraction(key, getattr(self, key), optional=key not in ("capacity", "marked_capacity"))
         _choice("capacity_plan", self.capacity_plan, CAPACITY_PLANS)
         if self.capacity_plan == "warm_start" and self.init != "block_influence":
             raise SkipGPTError("routers.capacity_plan=warm_start plans slots from the block-influence warm start: "
@@ -131,6 +134,11 @@ class RouterConfig:
             raise SkipGPTError("routers.gate_grad=probe samples skipped tokens into free capacity slots, which "
                                "mode=mask does not have: use gate_grad=dense (mask) or mode=capacity")
         return self
+
+    def marked_capacities(self) -> tuple[float, float]:
+        """(attention, MLP) slot fractions of the sublayers capacity_plan=warm_start marks."""
+        mlp = self.marked_capacity_mlp if self.marked_capacity_mlp is not None else self.marked_capacity
+        return float(self.marked_capacity), float(mlp)
 
     def capacity_for(self, kind: int, layer: int) -> float:
         """Slot fraction of one routed sublayer (kind 0 = attention, 1 = MLP) of layer `layer`."""

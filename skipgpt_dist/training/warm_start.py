@@ -63,7 +63,7 @@ def warm_start_routers(cfg, engine, batches) -> tuple[list[int], list[int]] | No
         f"margin {routers.init_skip_margin}, the rest at {routers.init_margin}")
     write_influence(cfg.run_dir, influence, attn, mlp)
     if routers.capacity_plan == "warm_start":  # the marked sublayers get few slots, the rest every slot
-        plan = warm_start_capacity(len(influence.attn), attn, mlp, routers.marked_capacity)
+        plan = warm_start_capacity(len(influence.attn), attn, mlp, routers.marked_capacities())
         set_layer_capacity(model, plan)
         log(describe_capacity(plan))
     return attn, mlp
