@@ -18,6 +18,12 @@ def test_routed_forward_quick_runs():
     variants = {v["variant"]: v for v in result["variants"]}
     assert {"dense", "mask/all", "capacity0.75/all", "capacity0.60/all"} <= set(variants)
     assert variants["capacity0.75/all"]["routing"]["eval"]["attn_execute"] == 0.75
+    # the demo recipe's own slots (configs/smollm2_stage1.yaml, capacity_plan=warm_start) on the 4 quick layers:
+    # round(0.45 * 4) = 2 marked attention layers at 0.75, the rest (MLPs included) every slot
+    recipe = variants["recipe/all"]
+    assert recipe["mean_capacity"] == {"attn": 0.875, "mlp": 1.0}
+    assert recipe["routing"]["eval"]["attn_execute"] == pytest.approx(0.875, abs=0.01)
+    assert recipe["ideal_forward"] < 1.0 and "train_gap" in recipe
     assert result["allocator"] == "keep" and all(v["forward_page_faults"] >= 0 for v in variants.values())
 
 
@@ -112,6 +118,12 @@ def test_routed_forward_bf16_on_cpu_records_where_it_ran():
     assert result["torch"] == torch.__version__ and result["device_name"]
     variants = {v["variant"]: v for v in result["variants"]}
     assert variants["capacity0.75/all"]["routing"]["eval"]["attn_execute"] == 0.75
+    # the demo recipe's own slots (configs/smollm2_stage1.yaml, capacity_plan=warm_start) on the 4 quick layers:
+    # round(0.45 * 4) = 2 marked attention layers at 0.75, the rest (MLPs included) every slot
+    recipe = variants["recipe/all"]
+    assert recipe["mean_capacity"] == {"attn": 0.875, "mlp": 1.0}
+    assert recipe["routing"]["eval"]["attn_execute"] == pytest.approx(0.875, abs=0.01)
+    assert recipe["ideal_forward"] < 1.0 and "train_gap" in recipe
     assert all("forward_page_faults" in v and "forward_peak_mib" not in v for v in variants.values())
 
 
@@ -124,6 +136,12 @@ def test_routed_forward_on_cuda_quick():
     variants = {v["variant"]: v for v in result["variants"]}
     assert {"dense", "mask/all", "capacity0.75/all", "capacity0.60/all"} <= set(variants)
     assert variants["capacity0.75/all"]["routing"]["eval"]["attn_execute"] == 0.75
+    # the demo recipe's own slots (configs/smollm2_stage1.yaml, capacity_plan=warm_start) on the 4 quick layers:
+    # round(0.45 * 4) = 2 marked attention layers at 0.75, the rest (MLPs included) every slot
+    recipe = variants["recipe/all"]
+    assert recipe["mean_capacity"] == {"attn": 0.875, "mlp": 1.0}
+    assert recipe["routing"]["eval"]["attn_execute"] == pytest.approx(0.875, abs=0.01)
+    assert recipe["ideal_forward"] < 1.0 and "train_gap" in recipe
     for name, v in variants.items():
         assert v["forward_ms"] > 0 and v["train_ms"] > 0 and v["forward_peak_mib"] >= 0, name
         assert "forward_page_faults" not in v, name
