@@ -42,8 +42,8 @@ sys.path.insert(0, str(ROOT))
 from skipgpt_dist.errors import SkipGPTError, run_cli  # noqa: E402
 
 GENERAL_EVAL, HAMLET_EVAL = "builtin:general-eval", "builtin:shakespeare-eval"
-# Overrides that scale the cluster configs down to this machine: the model, its dtype, the data, the batch
-# (global batch 4 x 256 tokens whatever the rank count), no checkpoints or intermediate evaluations.
+# Overrides that scale the cluster configs down to this machine: the model, its dtype, the data, no gradient
+# accumulation (the global batch is the configs' micro-batch x ranks), no checkpoints or intermediate evaluations.
 CLUSTER_TO_CPU = ["model.dtype=float32", "parallel.mixed_precision=none", "parallel.activation_checkpointing=false",
                   "data.train_files=[builtin:general-train]", f"data.eval_files=[{GENERAL_EVAL}]",
                   "optim.grad_accum_steps=1", "checkpoint.every_steps=0", "eval.every_steps=0"]
