@@ -157,8 +157,9 @@ def recipe_plan(config_path: str, layers: int) -> Optional[tuple]:
     if cfg.mode != "capacity":
         return None
     if cfg.capacity_plan == "warm_start":
-        attn_frac, mlp_frac = ((cfg.target_sparsity_attn, cfg.target_sparsity_mlp)
-                               if cfg.target_sparsity_attn is not None else (cfg.target_sparsity,) * 2)
+        attn_frac, mlp_frac = cfg.warm_start_fractions()
+        # (one global target ranks both kinds together; without a model to rank, each kind takes that fraction)
+        mlp_frac = attn_frac if mlp_frac is None else mlp_frac
         plan = warm_start_capacity(layers, list(range(round(attn_frac * layers))),
                                    list(range(round(mlp_frac * layers))), cfg.marked_capacities())
     else:

@@ -135,6 +135,13 @@ class RouterConfig:
                                "mode=mask does not have: use gate_grad=dense (mask) or mode=capacity")
         return self
 
+    def warm_start_fractions(self) -> tuple[float, Optional[float]]:
+        """(attention, MLP) fractions of sublayers the block-influence warm start marks; (f, None) with one global
+        target: a fraction f of all 2L sublayers, ranked together."""
+        if self.target_sparsity_attn is not None:
+            return float(self.target_sparsity_attn), float(self.target_sparsity_mlp)
+        return float(self.target_sparsity), None
+
     def marked_capacities(self) -> tuple[float, float]:
         """(attention, MLP) slot fractions of the sublayers capacity_plan=warm_start marks."""
         mlp = self.marked_capacity_mlp if self.marked_capacity_mlp is not None else self.marked_capacity

@@ -148,11 +148,14 @@ def select_slots(candidates: torch.Tensor, score: torch.Tensor, k: int) -> tuple
     and real (B, k) bool: the slot holds a candidate. Other slots are padding (when a row has fewer than k
     candidates), interleaved in token order, and must be discarded by the caller.
     """
-    keyed = torch.where(candidates, score, float("-inf"))
-    # The top-k set (unordered), then its indices sorted: one small sort of k values instead of a sort of
-    # (real first, then token) keys and two gathers.
-    idx = keyed.topk(k, dim=1, sorted=False).indices.sort(dim=1).values
+    idx = _top_k_in_token_order(torch.where(candidates, score, float("-inf")), k)
     return idx, candidates.gather(1, idx)
+
+
+def _top_k_in_token_order(keyed: torch.Tensor, k: int) -> torch.Tensor:
+    """(B, k) indices of each row's k highest keys, in token order. The top-k set (unordered), then its indices
+    sorted: one small sort of k values instead of a sort of (real first, then token) keys and two gathers."""
+    return keyed.topk(k, dim=1, sorted=False).indices.sort(dim=1).values
 
 
 # Probe keys rank below every executed token (their scores are > 0) and above padding (-inf).
@@ -167,8 +170,8 @@ def select_slots_with_probes(hard: torch.Tensor, valid: torch.Tensor, score: tor
     Returns idx, real (slot holds an executed token), probe (slot holds a skipped token, sampled) and weight
     (B, 1): skipped tokens per sampled one in the row, so the probes' gradient sums to an unbiased estimate of
     the gradient every skipped token would give (mask mode's dense estimator)."""
-    keyed = torch.where(hard, score, torch.where(valid, probe_key + _PROBE_OFFSET, float("-inf")))
-    idx = keyed.topk(k, dim=1, sorted=False).indices.sort(dim=1).values
+    idx = _top_k_in_token_order(torch.where(hard, score, torch.where(valid, probe_key + _PROBE_OFFSET,
+                                                                     float("-inf"))), k)
     real = hard.gather(1, idx)
     probe = valid.gather(1, idx) & ~real
     skipped = (valid & ~hard).sum(dim=1, keepdim=True)

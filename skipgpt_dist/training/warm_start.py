@@ -52,13 +52,9 @@ def warm_start_routers(cfg, engine, batches) -> tuple[list[int], list[int]] | No
     model = engine.model
     influence = block_influence(model, calibration_sequences(batches, CALIBRATION_SEQUENCES),
                                 cfg.optim.micro_batch_size)
-    if routers.target_sparsity_attn is not None:
-        fractions = (routers.target_sparsity_attn, routers.target_sparsity_mlp)
-    else:
-        fractions = (routers.target_sparsity, None)
     with engine.writable(router_biases(model)):
-        attn, mlp = init_routers_from_influence(model, influence, fractions, routers.init_margin,
-                                                routers.init_skip_margin)
+        attn, mlp = init_routers_from_influence(model, influence, routers.warm_start_fractions(),
+                                                routers.init_margin, routers.init_skip_margin)
     log(f"routers warm-started from block influence: attention layers {attn} and MLP layers {mlp} start at "
         f"margin {routers.init_skip_margin}, the rest at {routers.init_margin}")
     write_influence(cfg.run_dir, influence, attn, mlp)
