@@ -263,10 +263,12 @@ def kind_targets(sparsity: float, attn_share: float, attn_cap: float) -> tuple[f
     return round(attn, 4), round(2 * sparsity - attn, 4)
 
 
-# Stage 1: 90% of the skipping on attention (sampled gates still explore the MLPs). Stage 2, whose routers keep
-# training beside LoRA with deterministic gates: the calibrated stage-1 routers skip attention only, so it holds
-# the whole mean on attention, up to 75% of it.
-STAGE1_SPLIT, STAGE2_SPLIT = dict(attn_share=0.9, attn_cap=0.9), dict(attn_share=1.0, attn_cap=0.75)
+# Stage 1: all the skipping asked of attention, up to 90% of it. (A 10% MLP share, the Slurm configs' 45% / 5% split,
+# was measured to land below the mean: the MLP routers of this model stay near 0% and attention overshoots its
+# target by less than the MLP misses, 23.7% for a 25% target.) Stage 2, whose routers keep training beside LoRA
+# with deterministic gates: the calibrated stage-1 routers skip attention only, so it holds the whole mean on
+# attention, up to 75% of it.
+STAGE1_SPLIT, STAGE2_SPLIT = dict(attn_share=1.0, attn_cap=0.9), dict(attn_share=1.0, attn_cap=0.75)
 
 
 def targets(sparsity: float, split: dict) -> list[str]:
