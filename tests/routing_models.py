@@ -2,8 +2,9 @@
 from __future__ import annotations
 
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM, Qwen2Config, \
-    Qwen2ForCausalLM
+from transformers import Gemma2Config, Gemma2ForCausalLM, LlamaConfig, LlamaForCausalLM, MistralConfig, \
+    MistralForCausalLM, MixtralConfig, MixtralForCausalLM, Phi3Config, Phi3ForCausalLM, Qwen2Config, \
+    Qwen2ForCausalLM, Qwen3Config, Qwen3ForCausalLM
 
 from skipgpt_dist import RouterConfig, attach_routers
 
@@ -19,6 +20,24 @@ FAMILIES = {
     "mistral": lambda: MistralForCausalLM(MistralConfig(num_attention_heads=4, num_key_value_heads=2,
                                                         sliding_window=7, **COMMON)),
     "qwen2": lambda: Qwen2ForCausalLM(Qwen2Config(num_attention_heads=4, num_key_value_heads=2, **COMMON)),
+    # q/k RMSNorms per head; head_dim 16 != hidden / heads; the middle layer slides (window 5), the others are full
+    "qwen3": lambda: Qwen3ForCausalLM(Qwen3Config(
+        num_attention_heads=4, num_key_value_heads=2, head_dim=16, use_sliding_window=True, sliding_window=5,
+        layer_types=["full_attention", "sliding_attention", "full_attention"], **COMMON)),
+    # sliding (window 5) / full / sliding layers, attention and final logit soft-capping, query_pre_attn_scalar 16
+    # != head_dim 12, sandwich norms, scaled and tied embeddings. Initialised at 0.2 (not 0.02) so the attention
+    # scores reach the soft cap: at 0.02 dropping attn_logit_softcapping changes the logits by 6e-6, at 0.2 by 1.6.
+    "gemma2": lambda: Gemma2ForCausalLM(Gemma2Config(
+        num_attention_heads=4, num_key_value_heads=2, head_dim=12, query_pre_attn_scalar=16, sliding_window=5,
+        attn_logit_softcapping=2.0, final_logit_softcapping=3.0, initializer_range=0.2,
+        **{**COMMON, "tie_word_embeddings": True})),
+    # fused qkv_proj and gate_up_proj; RoPE on half of each head (partial_rotary_factor 0.5: 6 of 12 dims)
+    "phi3": lambda: Phi3ForCausalLM(Phi3Config(
+        num_attention_heads=4, num_key_value_heads=2, pad_token_id=None, bos_token_id=1, eos_token_id=2,
+        rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 0.5}, **COMMON)),
+    # a sparse MoE MLP: 4 experts, top-2 per token (its router logits are recorded by a hook for the aux loss)
+    "mixtral": lambda: MixtralForCausalLM(MixtralConfig(num_attention_heads=4, num_key_value_heads=2,
+                                                        num_local_experts=4, num_experts_per_tok=2, **COMMON)),
 }
 
 
