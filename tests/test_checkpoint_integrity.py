@@ -305,7 +305,7 @@ def test_crafted_pickle_in_an_engine_checkpoint_is_never_executed(engine, tiny_m
     assert verify_checkpoint(newest) is None  # step 4 rewritten by the resumed run
 
     # Past verification, DCP's own failure (CheckpointException, a BaseException) is still a one-line SkipGPTError.
-    from skipgpt_dist.export import _dcp_state
+    from skipgpt_dist.export.dcp_reader import read_dcp_state as _dcp_state
 
     copy = tmp_path / "dcp_copy"
     shutil.copytree(newest / "dcp", copy)
