@@ -9,12 +9,11 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from ..checkpoint import ROUTERS_FILE
+from ..file_names import ADAPTER_DIR, ADAPTER_WEIGHTS_FILE, ROUTERS_FILE
 from ..routing import routing_context
 from ..routing.api import _base_model
 from . import distributed as D
 
-ADAPTER_DIR = "adapter"
 _ROUTER_KEY = re.compile(r"layers\.(\d+)\.skipgpt_(attn|mlp)_router\.(.+)$")
 
 
@@ -50,6 +49,6 @@ def write_adapter(model, lora: dict[str, torch.Tensor], folder: Path) -> None:
 
     folder.mkdir(parents=True, exist_ok=True)
     state = get_peft_model_state_dict(model, state_dict=lora)
-    save_file({k: v.contiguous() for k, v in state.items()}, str(folder / "adapter_model.safetensors"),
+    save_file({k: v.contiguous() for k, v in state.items()}, str(folder / ADAPTER_WEIGHTS_FILE),
               metadata={"format": "pt"})
     model.peft_config["default"].save_pretrained(str(folder))

@@ -1,46 +1,16 @@
-"""Choose the back end: launcher checks, process-group set-up, how the base model loads, and the engine for
-parallel.backend (none | deepspeed | fsdp2).
-
-Launchers are told apart by the environment they set (robust to argument parsing; documented in launcher()):
-torchrun sets TORCHELASTIC_RUN_ID; the `deepspeed` launcher sets CROSS_RANK / CROSS_SIZE / LOCAL_SIZE (and passes
---local_rank) but not TORCHELASTIC_RUN_ID.
+"""Choose the back end: process-group set-up, how the base model loads, and the engine for parallel.backend
+(none | deepspeed | fsdp2). The engines import nothing from here (their shared helpers live in engine.py, the
+launcher checks in launcher.py), so this module is the only one that knows all of them.
 """
 from __future__ import annotations
 
 import atexit
 import os
 
-from ..errors import SkipGPTError
 from . import distributed as D
 from .compile import compile_model
-from .engine import Engine, LocalEngine
-
-
-def launched_world_size() -> int:
-    return int(os.environ.get("WORLD_SIZE", "1"))
-
-
-def launcher() -> str:
-    """"torchrun" | "deepspeed" | "other" (e.g. srun with RANK/WORLD_SIZE set) | "none" (a plain process)."""
-    env = os.environ
-    if "TORCHELASTIC_RUN_ID" in env:
-        return "torchrun"
-    if "CROSS_RANK" in env and "LOCAL_SIZE" in env:
-        return "deepspeed"
-    return "other" if "WORLD_SIZE" in env else "none"
-
-
-def check_launcher(cfg) -> None:
-    backend, world, how = cfg.parallel.backend, launched_world_size(), launcher()
-    if backend == "none" and world > 1:
-        raise SkipGPTError(f"launched with WORLD_SIZE={world} but parallel.backend=none: set "
-                           "parallel.backend=deepspeed or fsdp2, or launch one process")
-    if backend == "fsdp2" and how == "deepspeed":
-        raise SkipGPTError("parallel.backend=fsdp2 was started by the deepspeed launcher: launch FSDP2 with "
-                           "`torchrun --nproc_per_node N train.py ...`, or pass --ds_config to train with DeepSpeed")
-    if backend != "deepspeed" and cfg.parallel.ds_config is not None:
-        raise SkipGPTError(f"parallel.ds_config={cfg.parallel.ds_config} is set but parallel.backend={backend}: "
-                           "use parallel.backend=deepspeed (train.py --ds_config sets both) or drop ds_config")
+from .engine import Engine, LocalEngine, enable_activation_checkpointing, report_held_parameters  # noqa: F401
+from .launcher import check_launcher, launched_world_size, launcher  # noqa: F401
 
 
 def setup_distributed(cfg) -> None:
@@ -96,17 +66,6 @@ def base_loader(cfg):
     return None
 
 
-def enable_activation_checkpointing(model) -> None:
-    """Non-reentrant recomputation of every decoder layer (HF's own, which wraps the routed forward too)."""
-    from ..routing.api import _base_model
-
-    base = _base_model(model)
-    if hasattr(base, "activation_checkpointing_enable"):
-        base.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
-    else:
-        base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-
-
 def make_engine(cfg, model) -> Engine:
     if cfg.parallel.backend == "deepspeed":
         from .deepspeed_engine import DeepSpeedEngine
@@ -121,9 +80,3 @@ def make_engine(cfg, model) -> Engine:
     engine = LocalEngine(model, cfg)  # (on the local GPU, if any, before compiling)
     compile_model(engine.model, cfg)
     return engine
-
-
-def report_held_parameters(engine) -> None:
-    """One line per rank on stdout: parameter elements this rank stores (tests and bench/dist_step.py parse it)."""
-    print(f"[skipgpt rank {D.rank()}/{D.world_size()}] {engine.name} holds {engine.held_parameter_elements()} of "
-          f"{engine.total_parameter_elements()} parameter elements (launcher: {launcher()})", flush=True)

@@ -1,7 +1,9 @@
 """The engine interface the one training loop drives, and the single-process engine.
 
 An engine owns the wrapped model, the optimiser and the LR schedule. DeepSpeed and FSDP2 implement the same
-methods (see deepspeed_engine.py / fsdp2_engine.py), so the loop never branches on the back end.
+methods (see deepspeed_engine.py / fsdp2_engine.py), so the loop never branches on the back end. The helpers every
+engine shares (optimiser, schedule, device, activation checkpointing, the held-parameters report) live here too,
+so the engines import only this module and backends.py alone picks among them.
 """
 from __future__ import annotations
 
@@ -13,10 +15,10 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from ..errors import SkipGPTError
+from ..file_names import OPTIMIZER_FILE, TRAINABLE_FILE
+from . import distributed as D
+from .launcher import launcher
 from .schedule import lr_factor
-
-OPTIMIZER_FILE = "optimizer.pt"
-TRAINABLE_FILE = "trainable.safetensors"
 
 
 class Engine:
@@ -164,3 +166,20 @@ class LocalEngine(Engine):
         from . import portable
 
         portable.load_torch(folder, portable.portable_names(self.params.items()), self.optimizer, self.scheduler)
+
+
+def enable_activation_checkpointing(model) -> None:
+    """Non-reentrant recomputation of every decoder layer (HF's own, which wraps the routed forward too)."""
+    from ..routing.api import _base_model
+
+    base = _base_model(model)
+    if hasattr(base, "activation_checkpointing_enable"):
+        base.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    else:
+        base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+
+
+def report_held_parameters(engine) -> None:
+    """One line per rank on stdout: parameter elements this rank stores (tests and bench/dist_step.py parse it)."""
+    print(f"[skipgpt rank {D.rank()}/{D.world_size()}] {engine.name} holds {engine.held_parameter_elements()} of "
+          f"{engine.total_parameter_elements()} parameter elements (launcher: {launcher()})", flush=True)
