@@ -24,7 +24,7 @@ import numpy as np
 import torch
 
 from .errors import SkipGPTError
-from .token_shards import PackedShards
+from .shard_reader import PackedShards
 
 _EXTENSIONS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".txt": "text", ".text": "text", ".md": "text"}
 _FORMAT_ALIASES = {
@@ -281,7 +281,7 @@ def pack_files(files, tokenizer, seq_len: int, format: str = "auto", text_field:
     A shard folder written by tools/prepare_data.py (or its manifest.json) is read lazily from its memory-mapped
     shards instead (``token_shards.PackedShards``, the same rows), after checking it was made with this tokenizer."""
     from .assets import resolve_data_files
-    from .token_shards import open_packed_shards, shard_folder
+    from .shard_reader import open_packed_shards, shard_folder
 
     folder = shard_folder(files, format, key)
     if folder is not None:
