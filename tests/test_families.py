@@ -1,0 +1,386 @@
+"""The family conformance suite (issue #16): every family in routing_models.FAMILIES, both KV policies, on tiny
+random configs, holds what a supported family must hold:
+
+- routing disabled == the plain Hugging Face model (logits, padding left and right);
+- capacity == mask with nothing overflowing (capacity 1.0): logits and router gradients, padding left and right;
+- cached generate() == greedy decoding by full forwards, left padding;
+- 2-rank ZeRO-3 (every tensor partitioned) and FSDP2 == one process: two stage-1 steps of train.py's own loop per
+  family (KV policies alternating down the list); one real `torchrun --standalone` launch (gloo) per back end runs
+  every family in turn (this file is its worker), against one process run in this process;
+- merge round trip: a stage-2 checkpoint in train.py's layout (routers + the project's own peft LoRA) through
+  tools/merge_lora.py loads with plain AutoModelForCausalLM (== the dense model with its adapters) and with
+  load_routed_model (== the routed model with unmerged adapters);
+- a tiny Qwen3 through train.py stage 1 -> stage 2 -> tools/merge_lora.py -> load_routed_model(...).generate().
+
+Adding a family = its adapter (skipgpt_dist/routing/adapters.py) plus one line in FAMILIES. A family without an
+adapter fails every test here with the project's "not supported" error.
+"""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from dist_helpers import REPO, child_env, launch_cmd, write_text_files, zero3_all_sharded  # noqa: E402
+from routing_models import FAMILIES, batch, build, scramble_routers  # noqa: E402
+from test_routing import logits_on_real, train_step_grads  # noqa: E402
+
+from skipgpt_dist import routing_disabled, routing_stats  # noqa: E402
+
+NAMES = sorted(FAMILIES)
+POLICIES = ("all", "routed")
+PADDINGS = ("left", "right")
+BASE_CONFIG = REPO / "configs" / "base_stage1.yaml"
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny shapes gain nothing from a second thread, and this module's torchrun ranks share the machine's cores
+    with it: two OpenMP threads per process oversubscribe them (a 2-step tiny run took 5 s instead of 0.4 s)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def overflow(model) -> int:
+    return sum(layer[kind]["overflow"] for layer in routing_stats(model)["layers"] for kind in ("attn", "mlp"))
+
+
+# ---------------------------------------------------------------- one process, in memory
+
+
+@pytest.mark.parametrize("policy", POLICIES)
+@pytest.mark.parametrize("family", NAMES)
+def test_routing_disabled_is_the_plain_model(family, policy):
+    torch.manual_seed(0)  # build() seeds alike: the same weights
+    plain = FAMILIES[family]().float().eval()
+    routed = build(family, mode="capacity", capacity=1.0, kv_policy=policy, skip_shift=0.5)
+    with torch.no_grad():
+        for padding in PADDINGS:
+            ids, mask = batch(seed=1, padding=padding)
+            want = logits_on_real(plain, ids, mask)
+            with routing_disabled(routed):
+                dense = logits_on_real(routed, ids, mask)
+            torch.testing.assert_close(dense, want, atol=1e-5, rtol=1e-5)
+            assert (logits_on_real(routed, ids, mask) - want).abs().max() > 1e-3, "routing must change the output"
+
+
+@pytest.mark.parametrize("policy", POLICIES)
+@pytest.mark.parametrize("family", NAMES)
+def test_capacity_equals_mask_outputs_and_router_gradients(family, policy):
+    """mode=mask (dense estimator) against real skipping at capacity 1.0 (static slots, probe estimator: every
+    skipped token is probed, so it is the dense gradient)."""
+    for seed, padding in enumerate(PADDINGS):
+        ids, mask = batch(seed=5 + seed, padding=padding)
+        reference = build(family, mode="mask", kv_policy=policy, skip_shift=0.5)
+        routed = build(family, mode="capacity", capacity=1.0, kv_policy=policy, skip_shift=0.5,
+                       inference_slots="static")
+        with torch.no_grad():
+            want = logits_on_real(reference, ids, mask)
+            sparsity = routing_stats(reference)["sparsity"]
+            got = logits_on_real(routed, ids, mask)
+        assert 0.15 < sparsity < 0.7, f"routers must really skip for this test to mean anything ({sparsity})"
+        assert overflow(routed) == 0 and routing_stats(routed)["sparsity"] == pytest.approx(sparsity)
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+
+        loss_mask, grads_mask = train_step_grads(reference, ids, mask)
+        loss_cap, grads_cap = train_step_grads(routed, ids, mask)
+        torch.testing.assert_close(loss_cap, loss_mask, atol=1e-5, rtol=1e-5)
+        layers = reference.config.num_hidden_layers
+        assert grads_mask.keys() == grads_cap.keys() and len(grads_mask) == 4 * layers  # 2 routers x (weight, bias)
+        for name in grads_mask:
+            assert grads_mask[name].abs().sum() > 0, name
+            torch.testing.assert_close(grads_cap[name], grads_mask[name], atol=1e-5, rtol=1e-4)
+
+
+def greedy_by_full_forwards(model, ids, mask, steps: int) -> torch.Tensor:
+    """What generate() must produce: each token the argmax of a full forward (no cache) over all before it, at the
+    positions generate() gives left-padded rows (cumulative count of real tokens)."""
+    for _ in range(steps):
+        positions = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 1)
+        logits = model(ids, attention_mask=mask, position_ids=positions, use_cache=False).logits
+        ids = torch.cat([ids, logits[:, -1].argmax(-1, keepdim=True)], dim=1)
+        mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
+    return ids
+
+
+@pytest.mark.parametrize("policy", POLICIES)
+@pytest.mark.parametrize("family", NAMES)
+def test_cached_generate_equals_full_forward_greedy(family, policy):
+    ids, mask = batch(seed=13, padding="left", batch_size=2, seq_len=9)
+    model = build(family, mode="capacity", capacity=1.0, kv_policy=policy, skip_shift=0.5)
+    model.generation_config.eos_token_id = None  # every row runs all steps, as the reference does
+    with torch.no_grad():
+        cached = model.generate(ids, attention_mask=mask, max_new_tokens=6, do_sample=False, use_cache=True,
+                                pad_token_id=0)
+        assert routing_stats(model)["sparsity"] > 0.1  # (the last decode step's decisions)
+        want = greedy_by_full_forwards(model, ids, mask, steps=6)
+    assert cached.shape == (2, 15)
+    assert torch.equal(cached, want), (cached[:, 9:], want[:, 9:])
+
+
+# ---------------------------------------------------------------- saved tiny models (vocabulary of builtin:tiny)
+
+
+@pytest.fixture(scope="module")
+def family_dirs(tiny_model_dir, tmp_path_factory) -> dict[str, Path]:
+    """family -> a save_pretrained folder of its tiny config with builtin:tiny's tokenizer (and its vocabulary)."""
+    from transformers import AutoTokenizer
+
+    root = tmp_path_factory.mktemp("families")
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    dirs = {}
+    for family in NAMES:
+        torch.manual_seed(0)
+        config = FAMILIES[family]().config
+        config.vocab_size = len(tokenizer)
+        torch.manual_seed(0)
+        model = type(FAMILIES[family]())(config).float()  # the family's class, from its config
+        dirs[family] = root / family
+        model.save_pretrained(str(dirs[family]))
+        tokenizer.save_pretrained(str(dirs[family]))
+    return dirs
+
+
+@pytest.fixture(scope="module")
+def train_files(tmp_path_factory) -> list[str]:
+    from skipgpt_dist.assets import shakespeare_files
+
+    return write_text_files(tmp_path_factory.mktemp("family_text"), shakespeare_files("train"), chars=6000, count=2)
+
+
+# ---------------------------------------------------------------- distributed == one process (2 ranks, real launches)
+
+DIST_STEPS = 2
+
+
+def dist_overrides(model_dir: Path, run_dir: Path, files: list[str], policy: str) -> list[str]:
+    return [f"model.path={model_dir}", f"run_dir={run_dir}", "data.seq_len=32", "logging.progress=false",
+            "eval.at_end=false", "data.eval_files=[]", "checkpoint.every_steps=0", "routers.mode=capacity",
+            "routers.capacity=1.0", f"routers.kv_policy={policy}", "seed=3", f"optim.max_steps={DIST_STEPS}",
+            "optim.warmup_steps=0", "optim.lr=1e-2", f"data.train_files={json.dumps(files)}"]
+
+
+def run_families(runs: dict[str, list[str]]) -> None:
+    """train.py's loop on each config in turn (this process, or every rank of a launch); a SkipGPTError (such as
+    an unsupported family) is written to the run folder as error.txt and the next run goes on."""
+    import os
+
+    from skipgpt_dist.config import load_config
+    from skipgpt_dist.errors import SkipGPTError
+    from skipgpt_dist.training.loop import run
+
+    for name, overrides in runs.items():
+        try:
+            run(load_config(str(BASE_CONFIG), overrides, for_training=True))
+        except SkipGPTError as err:
+            if os.environ.get("RANK", "0") == "0":
+                run_dir = Path(next(o for o in overrides if o.startswith("run_dir="))[len("run_dir="):])
+                run_dir.mkdir(parents=True, exist_ok=True)
+                (run_dir / "error.txt").write_text(f"{name}: {err}\n")
+
+
+def worker(spec: str) -> int:
+    from skipgpt_dist.training.backends import exit_process
+
+    run_families(json.loads(Path(spec).read_text()))
+    return exit_process(0)
+
+
+@pytest.fixture(scope="module")
+def dist_runs(family_dirs, train_files, tmp_path_factory):
+    """backend -> {family/policy: run folder} for one process (micro-batch 4, here) and 2 ranks (micro-batch 2)."""
+    root = tmp_path_factory.mktemp("family_dist")
+    ds_config = zero3_all_sharded(root)
+    extra = {"none": ["optim.micro_batch_size=4"],
+             "zero3": ["optim.micro_batch_size=2", "parallel.backend=deepspeed", f"parallel.ds_config={ds_config}"],
+             "fsdp2": ["optim.micro_batch_size=2", "parallel.backend=fsdp2"]}
+    # Each family once per launch, the KV policy alternating down the list so both policies reach both back ends
+    # (the policies' semantics per family are the in-memory tests' part; a run costs ~1.5 s of CPU under ZeRO-3).
+    plan = {family: POLICIES[i % 2] for i, family in enumerate(NAMES)}
+    runs = {backend: {f"{family}/{policy}": dist_overrides(family_dirs[family], root / backend / family / policy,
+                                                           train_files, policy) + more
+                      for family, policy in plan.items()}
+            for backend, more in extra.items()}
+    launches = {}
+    for backend in ("zero3", "fsdp2"):
+        spec = root / f"{backend}.json"
+        spec.write_text(json.dumps(runs[backend]))
+        cmd = launch_cmd("torchrun", 2)[:-1] + [str(Path(__file__).resolve()), "--worker", str(spec)]
+        launches[backend] = subprocess.Popen(cmd, cwd=REPO, env=child_env({"PYTHONPATH": str(REPO)}),
+                                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    run_families(runs["none"])  # the reference, while the launches run
+    outputs = {backend: proc.communicate(timeout=600)[0] for backend, proc in launches.items()}
+    for backend, proc in launches.items():
+        assert proc.returncode == 0, f"{backend} launch failed:\n{outputs[backend][-4000:]}"
+    return {backend: {name: root / backend / name for name in runs["none"]} for backend in extra}, outputs
+
+
+def run_result(run_dir: Path) -> tuple[list[dict], dict]:
+    """(metrics rows, final routers) of a run folder; fails with the run's error if it did not train."""
+    from safetensors.torch import load_file
+
+    if (run_dir / "error.txt").is_file():
+        pytest.fail((run_dir / "error.txt").read_text())
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    checkpoint = sorted((run_dir / "checkpoints").glob("step_*"))[-1]
+    return [r for r in rows if "loss" in r], load_file(str(checkpoint / "routers.safetensors"))
+
+
+@pytest.mark.parametrize("backend", ["zero3", "fsdp2"])
+def test_two_ranks_equal_one_process_for_every_family(backend, dist_runs):
+    folders, outputs = dist_runs
+    failures = []
+    for name in sorted(folders["none"]):
+        try:
+            want_rows, want_routers = run_result(folders["none"][name])
+            got_rows, got_routers = run_result(folders[backend][name])
+            assert [r["step"] for r in got_rows] == [r["step"] for r in want_rows] == list(range(1, DIST_STEPS + 1))
+            for key, atol, rtol in (("loss", 1e-4, 0), ("lm_loss", 1e-4, 0), ("grad_norm", 1e-6, 1e-3)):
+                got, want = [r[key] for r in got_rows], [r[key] for r in want_rows]
+                assert torch.allclose(torch.tensor(got, dtype=torch.float64), torch.tensor(want, dtype=torch.float64),
+                                      atol=atol, rtol=rtol), (key, got, want)
+            assert want_rows[1]["loss"] != want_rows[0]["loss"] and want_rows[0]["grad_norm"] > 0
+            assert got_routers.keys() == want_routers.keys()
+            for key in want_routers:
+                torch.testing.assert_close(got_routers[key], want_routers[key], atol=1e-5, rtol=0, msg=key)
+        except (AssertionError, pytest.fail.Exception) as err:
+            failures.append(f"{name}: {str(err).strip().splitlines()[0][:300]}")
+    assert not failures, "\n".join(failures)
+    assert f"{'deepspeed' if backend == 'zero3' else 'fsdp2'} holds" in outputs[backend]
+
+
+# ---------------------------------------------------------------- merge / export round trip
+
+
+def stage2_checkpoint(model_dir: Path, folder: Path, policy: str):
+    """A stage-2 checkpoint in train.py's layout for the model in model_dir: routers that skip, and LoRA applied by
+    the project's own apply_lora (its target modules for the family) with random non-zero B. Returns the peft
+    model (routed, unmerged) the export must reproduce."""
+    from transformers import AutoModelForCausalLM
+
+    from skipgpt_dist import RouterConfig, attach_routers, save_routers
+    from skipgpt_dist.config import load_config, save_config
+    from skipgpt_dist.training.model_setup import apply_lora
+
+    folder.mkdir(parents=True)
+    cfg = load_config(None, [f"model.path={model_dir}", "stage.stage=2", f"stage.init_from={folder}",
+                             "stage.lora.r=4", "stage.lora.alpha=8", "stage.lora.dropout=0",
+                             "routers.mode=capacity", "routers.capacity=1.0", f"routers.kv_policy={policy}"])
+    model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32)
+    attach_routers(model, RouterConfig(mode="capacity", capacity=1.0, kv_policy=policy))
+    scramble_routers(model, seed=7, skip_shift=0.5)
+    save_routers(model, folder / "routers.safetensors")
+    peft_model = apply_lora(model, cfg.stage.lora)
+    generator = torch.Generator().manual_seed(8)
+    with torch.no_grad():
+        for name, param in peft_model.named_parameters():
+            if "lora_B" in name:
+                param.copy_(torch.randn(param.shape, generator=generator) * 0.05)
+    peft_model.save_pretrained(str(folder / "adapter"))
+    save_config(cfg, folder / "config.yaml")
+    (folder / "trainer_state.json").write_text(json.dumps({"step": 1, "stage": 2, "backend": "none",
+                                                           "complete": True}))
+    return peft_model.eval()
+
+
+def run_merge_tool(argv: list[str]) -> None:
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("tool_merge_lora", REPO / "tools" / "merge_lora.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    module.main(argv)
+
+
+@pytest.mark.parametrize("policy", POLICIES)
+@pytest.mark.parametrize("family", NAMES)
+def test_merged_export_loads_dense_and_routed(family, policy, family_dirs, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    from skipgpt_dist.inference import load_routed_model
+
+    unmerged = stage2_checkpoint(family_dirs[family], tmp_path / "ckpt", policy)
+    out = tmp_path / "export"
+    run_merge_tool(["--checkpoint", str(tmp_path / "ckpt"), "--out", str(out)])
+    ids, mask = batch(seed=17, padding="left", vocab=unmerged.config.vocab_size)
+    with torch.no_grad():
+        want_routed = logits_on_real(unmerged, ids, mask)
+        with routing_disabled(unmerged):
+            want_dense = logits_on_real(unmerged, ids, mask)
+            with unmerged.disable_adapter():
+                base = logits_on_real(unmerged, ids, mask)
+        assert (want_dense - base).abs().max() > 1e-2, "the LoRA must change the model for this test to mean anything"
+        assert (want_routed - want_dense).abs().max() > 1e-2, "routing must change the output"
+
+        dense = AutoModelForCausalLM.from_pretrained(str(out), dtype=torch.float32).eval()
+        assert type(dense).__name__ == type(unmerged.get_base_model()).__name__
+        torch.testing.assert_close(logits_on_real(dense, ids, mask), want_dense, atol=1e-4, rtol=1e-4)
+        section = json.loads((out / "config.json").read_text())["skipgpt"]
+        assert section["kv_policy"] == policy and section["lora"]["merged"]
+        for mode in (None, "mask"):
+            routed = load_routed_model(out, mode=mode)
+            torch.testing.assert_close(logits_on_real(routed, ids, mask), want_routed, atol=1e-4, rtol=1e-4)
+            assert routing_stats(routed)["sparsity"] > 0.1
+
+
+# ---------------------------------------------------------------- Qwen3 through the real pipeline
+
+PIPELINE = """
+import runpy, sys
+import train
+stage1, stage2, merge = {argvs!r}
+assert train.main(stage1) == 0 and train.main(stage2) == 0
+sys.argv = ["tools/merge_lora.py"] + merge
+runpy.run_path("tools/merge_lora.py", run_name="__main__")
+"""
+
+
+def test_qwen3_through_stage1_stage2_merge_and_generate(family_dirs, train_files, tmp_path):
+    """train.py stage 1 (routers, real skipping) -> stage 2 (LoRA) -> tools/merge_lora.py, in one subprocess (one
+    interpreter start), then the export generates: the same greedy tokens as the unmerged stage-2 checkpoint, with
+    real skipping, and loads as a plain dense Qwen3."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from skipgpt_dist.inference import load_routed_model
+
+    model_dir, out = family_dirs["qwen3"], tmp_path / "export"
+    common = [f"model.path={model_dir}", "data.seq_len=32", "logging.progress=false", "eval.at_end=false",
+              "data.eval_files=[]", "checkpoint.every_steps=0", "optim.warmup_steps=0", "optim.micro_batch_size=4",
+              f"data.train_files={json.dumps(train_files)}"]
+    stage1 = ["--config", "configs/tiny.yaml", f"run_dir={tmp_path / 's1'}", "optim.max_steps=4", "optim.lr=0.1",
+              "routers.init_margin=0.5", *common]
+    stage2 = ["--config", "configs/tiny_stage2.yaml", f"run_dir={tmp_path / 's2'}",
+              f"stage.init_from={tmp_path / 's1'}", "optim.max_steps=2", "optim.lr=3e-2", "stage.lora.r=4", "stage.lora.alpha=8", *common]
+    merge = ["--checkpoint", str(tmp_path / "s2"), "--out", str(out)]
+    proc = subprocess.run([sys.executable, "-c", PIPELINE.format(argvs=(stage1, stage2, merge))], cwd=REPO,
+                          env=child_env({"PYTHONPATH": str(REPO)}), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
+
+    tokenizer = AutoTokenizer.from_pretrained(str(out))
+    tokenizer.pad_token = tokenizer.pad_token or tokenizer.eos_token
+    prompt = tokenizer(["To be, or not to be", "Now is the winter"], return_tensors="pt", padding=True,
+                       padding_side="left")
+    kwargs = dict(max_new_tokens=8, do_sample=False, pad_token_id=tokenizer.pad_token_id)
+    routed = load_routed_model(out)
+    assert type(routed).__name__ == "Qwen3ForCausalLM" and routed.config.skipgpt["stage"] == 2
+    unmerged = load_routed_model(tmp_path / "s2")  # the checkpoint: base + routers + unmerged adapters
+    dense = AutoModelForCausalLM.from_pretrained(str(out))
+    with torch.no_grad():
+        tokens = routed.generate(**prompt, **kwargs)
+        assert torch.equal(tokens, unmerged.generate(**prompt, **kwargs))
+        assert dense.generate(**prompt, **kwargs).shape == tokens.shape == (2, prompt["input_ids"].shape[1] + 8)
+        mask = torch.cat([prompt["attention_mask"], torch.ones(2, 8, dtype=torch.long)], dim=1)
+        torch.testing.assert_close(routed(tokens, attention_mask=mask).logits,
+                                   unmerged(tokens, attention_mask=mask).logits, atol=1e-4, rtol=1e-4)
+    assert routing_stats(routed)["sparsity"] > 0.02, "the trained routers must skip for this test to mean anything"
+
+
+if __name__ == "__main__" and sys.argv[1:2] == ["--worker"]:
+    sys.exit(worker(sys.argv[2]))
