@@ -277,23 +277,26 @@ def official_lora(state: dict, source: str) -> dict:
 
 def read_lora(path: Path, routers_state: dict, routers_source: str) -> tuple[dict, dict, str]:
     """(pairs, adapter config or {}, source) from --lora (a state dict or a peft folder), or from --routers."""
+    from skipgpt_dist.file_names import ADAPTER_CONFIG_FILE, ADAPTER_WEIGHTS_FILE
+
     if path is None:
         return official_lora(routers_state, routers_source), {}, routers_source
     config = {}
-    if path.is_dir() and (path / "adapter_config.json").is_file():
+    if path.is_dir() and (path / ADAPTER_CONFIG_FILE).is_file():
         try:
-            config = json.loads((path / "adapter_config.json").read_text(encoding="utf-8"))
+            config = json.loads((path / ADAPTER_CONFIG_FILE).read_text(encoding="utf-8"))
         except (OSError, ValueError) as err:
-            raise SkipGPTError(f"--lora {path}/adapter_config.json is not valid JSON ({err}): copy it again") from None
+            raise SkipGPTError(f"--lora {path}/{ADAPTER_CONFIG_FILE} is not valid JSON ({err}): copy it "
+                               "again") from None
         for bad, what in ((config.get("peft_type", "LORA") != "LORA", f"peft_type={config.get('peft_type')}"),
                           (bool(config.get("use_dora")), "use_dora"), (bool(config.get("use_rslora")), "use_rslora"),
                           (bool(config.get("modules_to_save")), "modules_to_save"),
                           (bool(config.get("rank_pattern") or config.get("alpha_pattern")), "rank/alpha patterns")):
             if bad:
                 raise SkipGPTError(f"--lora {path} uses {what}, which the import does not carry: use plain LoRA")
-        names = [n for n in ("adapter_model.safetensors", "adapter_model.bin") if (path / n).is_file()]
+        names = [n for n in (ADAPTER_WEIGHTS_FILE, "adapter_model.bin") if (path / n).is_file()]
         if not names:
-            raise SkipGPTError(f"--lora {path} has adapter_config.json but no adapter_model.safetensors/.bin")
+            raise SkipGPTError(f"--lora {path} has {ADAPTER_CONFIG_FILE} but no {ADAPTER_WEIGHTS_FILE} (or .bin)")
         path = path / names[0]
     else:
         path = state_file(path, "--lora")
@@ -307,45 +310,32 @@ def read_lora(path: Path, routers_state: dict, routers_source: str) -> tuple[dic
 # ---------------------------------------------------------------- the base model
 
 
-def base_tensor(base_dir: Path, key: str):
-    """One tensor of the base model's safetensors (None if it has none, or not this key)."""
-    from safetensors import safe_open
-
-    index, single = base_dir / "model.safetensors.index.json", base_dir / "model.safetensors"
-    try:
-        if index.is_file():
-            shard = json.loads(index.read_text(encoding="utf-8"))["weight_map"].get(key)
-            path = base_dir / shard if shard else None
-        else:
-            path = single if single.is_file() else None
-        if path is None:
-            return None
-        with safe_open(str(path), framework="pt") as f:
-            return f.get_tensor(key) if key in f.keys() else None
-    except Exception as err:  # a damaged index or shard
-        raise SkipGPTError(f"base model {base_dir}: cannot read {key} ({str(err)[:120]}): re-download or re-save "
-                           "the base model") from None
-
-
 def check_same_base(state: dict, source: str, base_dir: Path) -> int:
-    """The base weights an official full state dict carries (embeddings; layer 0's projections under `block.`)
+    """The base weights an official full state dict carries (embeddings; layer 0's sublayers under `block.`)
     must be --base's, cast to the file's dtype (the official code loads the base in bf16, models.py:25-29).
-    Returns how many tensors were compared."""
+    Returns how many tensors were compared (0: the file holds none, or the base has no safetensors)."""
     import torch
 
+    from skipgpt_dist.export import ShardReader, open_base_model
+    from skipgpt_dist.file_names import INDEX_FILE, SINGLE_FILE
+
+    if not ((base_dir / INDEX_FILE).is_file() or (base_dir / SINGLE_FILE).is_file()):
+        return 0
+    base = open_base_model(base_dir)
+    shard_of = {spec.name: shard for shard, specs in base.shards.items() for spec in specs}
     compared = 0
-    for key, tensor in state.items():
-        match = re.match(r"^(?:.*\.)?(embed_tokens|layers\.0\.block\.[\w.]+?)(?:\.base_layer)?\.weight$", key)
-        if match is None or ".lora_" in key:
-            continue
-        ours = "model." + match[1].replace("block.", "", 1) + ".weight"
-        base = base_tensor(base_dir, ours)
-        if base is None:
-            continue
-        if tuple(base.shape) != tuple(tensor.shape) or not torch.equal(base.to(tensor.dtype), tensor):
-            raise SkipGPTError(f"{source}: its base weight {key} differs from {ours} of --base {base_dir}: the routers "
-                               "were trained on another model; pass that model as --base (or --skip-base-check)")
-        compared += 1
+    with ShardReader(base.folder) as reader:
+        for key, tensor in state.items():
+            match = re.match(r"^(?:.*\.)?(embed_tokens|layers\.0\.block\.[\w.]+?)(?:\.base_layer)?\.weight$", key)
+            ours = "model." + match[1].replace("block.", "", 1) + ".weight" if match and ".lora_" not in key else None
+            if ours not in shard_of:
+                continue
+            theirs = reader.get(shard_of[ours], ours)
+            if tuple(theirs.shape) != tuple(tensor.shape) or not torch.equal(theirs.to(tensor.dtype), tensor):
+                raise SkipGPTError(f"{source}: its base weight {key} differs from {ours} of --base {base_dir}: the "
+                                   "routers were trained on another model; pass that model as --base (or "
+                                   "--skip-base-check)")
+            compared += 1
     return compared
 
 
@@ -412,8 +402,10 @@ def with_lora(model, pairs: dict, adapter_config: dict, lora_alpha, source: str)
 
 
 def is_import(folder: Path) -> bool:
+    from skipgpt_dist.file_names import STATE_FILE
+
     try:
-        return MARKER in json.loads((folder / "trainer_state.json").read_text(encoding="utf-8"))
+        return MARKER in json.loads((folder / STATE_FILE).read_text(encoding="utf-8"))
     except (OSError, ValueError, TypeError):
         return False
 
@@ -473,17 +465,17 @@ def train_config(args, config, base_dir: Path, out: Path, router_cfg, lora_confi
 
 
 def write_checkpoint(tmp: Path, model, peft_model, cfg, provenance: dict) -> None:
-    from skipgpt_dist.checkpoint import ROUTERS_FILE, record_files
+    from skipgpt_dist.checkpoint_manifest import record_files
     from skipgpt_dist.config import save_config
-    from skipgpt_dist.export import ADAPTER_DIR
+    from skipgpt_dist.file_names import ADAPTER_DIR, CONFIG_FILE, ROUTERS_FILE, STATE_FILE
     from skipgpt_dist.routing import save_routers
 
     save_routers(model, tmp / ROUTERS_FILE)
     if peft_model is not None:
         peft_model.save_pretrained(str(tmp / ADAPTER_DIR))
-    save_config(cfg, tmp / "config.yaml")
+    save_config(cfg, tmp / CONFIG_FILE)
     state = {"step": 0, "stage": cfg.stage.stage, "backend": "none", "complete": True, MARKER: provenance}
-    (tmp / "trainer_state.json").write_text(json.dumps(state), encoding="utf-8")
+    (tmp / STATE_FILE).write_text(json.dumps(state), encoding="utf-8")
     record_files(tmp)  # the file manifest, so the import verifies like any checkpoint
 
 
@@ -496,6 +488,9 @@ def import_official(args) -> Path:
 
     started, out = time.time(), Path(args.out).expanduser()
     check_out(out.absolute(), args.force)  # cheap checks before anything is read
+    if not args.base.startswith("builtin:") and not (Path(args.base).expanduser() / "config.json").is_file():
+        raise SkipGPTError(f"--base {args.base} is not a Hugging Face model folder (no config.json): give the folder "
+                           "of the model the routers were trained on, saved with save_pretrained")
     base_dir = Path(resolve_model_path(args.base))
     routers_path = state_file(Path(args.routers).expanduser(), "--routers")
     source = f"--routers {routers_path}"
