@@ -38,7 +38,8 @@ What the official code does (EIT-NLP/SkipGPT at fb2a203), and what the import ke
   compute is known before a sublayer runs (real skipping: mode=capacity, capacity 1.0, which equals mask mode
   exactly at evaluation). Its skip rate is the share of tokens with a negative margin, not the mean of
   sigmoid(-margin) that the sampled official evaluation reports; tools/calibrate_routers.py shifts the biases to a
-  target skip rate.
+  target skip rate. The official stage 2 trains its LoRA under sampled gates too (routers frozen, still sampling at
+  final_temperature, :123-128); an imported LoRA is served under the deterministic ones.
 - Router precision: the official routers run in their own dtype (:57, :61); imported routers are stored and run in
   fp32 (bf16 router weights convert exactly), so decisions can differ from a bf16 run only at near-ties.
 - Sparsity loss (custom_trainer.py:88, :119): LM + 20 * |(1 - sparsity) - (attn mean + mlp mean) / 2|, means over
