@@ -17,6 +17,7 @@ adapter fails every test here with the project's "not supported" error.
 """
 from __future__ import annotations
 
+import copy
 import json
 import subprocess
 import sys
@@ -53,6 +54,35 @@ def overflow(model) -> int:
 
 
 # ---------------------------------------------------------------- one process, in memory
+
+# What each tiny config adds to the Llama block, undone one at a time: each must move the plain model's logits, or
+# the tests below could pass with an adapter that ignores it.
+FEATURES = {
+    "qwen3 sliding layer": ("qwen3", {"layer_types": ["full_attention"] * 3}),
+    "gemma2 attention soft-cap": ("gemma2", {"attn_logit_softcapping": None}),
+    "gemma2 final soft-cap": ("gemma2", {"final_logit_softcapping": None}),
+    "gemma2 sliding layers": ("gemma2", {"layer_types": ["full_attention"] * 3}),
+    "gemma2 query_pre_attn_scalar": ("gemma2", {"query_pre_attn_scalar": 12}),
+    "phi3 partial rotary": ("phi3", {"rope_parameters": {"rope_type": "default", "rope_theta": 10000.0,
+                                                         "partial_rotary_factor": 1.0}}),
+    "mixtral top-2": ("mixtral", {"num_experts_per_tok": 1}),
+    "mistral window": ("mistral", {"sliding_window": None}),
+}
+
+
+@pytest.mark.parametrize("feature", sorted(FEATURES))
+def test_tiny_configs_exercise_their_family_features(feature):
+    family, change = FEATURES[feature]
+    ids, mask = batch(seed=1, padding="left")
+    torch.manual_seed(0)
+    model = FAMILIES[family]().float().eval()
+    config = copy.deepcopy(model.config)  # (the model reads its own config at forward time too)
+    for key, value in change.items():
+        setattr(config, key, value)
+    torch.manual_seed(0)
+    without = type(model)(config).float().eval()
+    with torch.no_grad():
+        assert (logits_on_real(model, ids, mask) - logits_on_real(without, ids, mask)).abs().max() > 1e-3
 
 
 @pytest.mark.parametrize("policy", POLICIES)
@@ -357,7 +387,8 @@ def test_qwen3_through_stage1_stage2_merge_and_generate(family_dirs, train_files
     stage1 = ["--config", "configs/tiny.yaml", f"run_dir={tmp_path / 's1'}", "optim.max_steps=4", "optim.lr=0.1",
               "routers.init_margin=0.5", *common]
     stage2 = ["--config", "configs/tiny_stage2.yaml", f"run_dir={tmp_path / 's2'}",
-              f"stage.init_from={tmp_path / 's1'}", "optim.max_steps=2", "optim.lr=3e-2", "stage.lora.r=4", "stage.lora.alpha=8", *common]
+              f"stage.init_from={tmp_path / 's1'}", "optim.max_steps=2", "optim.lr=3e-2", "stage.lora.r=4",
+              "stage.lora.alpha=8", *common]
     merge = ["--checkpoint", str(tmp_path / "s2"), "--out", str(out)]
     proc = subprocess.run([sys.executable, "-c", PIPELINE.format(argvs=(stage1, stage2, merge))], cwd=REPO,
                           env=child_env({"PYTHONPATH": str(REPO)}), capture_output=True, text=True, timeout=300)
