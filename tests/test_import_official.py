@@ -235,6 +235,8 @@ BAD_INPUTS = {
                            "differs from"),
     "incomplete LoRA": (lambda s: _without(s, "layers.0.block.mlp.gate_proj.lora_B"), "incomplete or inconsistent"),
     "pickled object": (lambda s: argparse.Namespace(state=s), "Python objects besides tensors"),
+    "ZeRO-3 placeholders": (lambda s: {k: (v.new_empty(0) if "router_" in k else v) for k, v in s.items()},
+                            "saved under ZeRO-3"),
 }
 
 
