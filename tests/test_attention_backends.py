@@ -16,7 +16,8 @@ import pytest
 import torch
 
 import skipgpt_dist.routing.attention as attention
-import skipgpt_dist.routing.layer as layer_mod
+import skipgpt_dist.routing.attention_spec as spec_mod
+import skipgpt_dist.routing.backend_choice as backend_choice
 from routing_models import batch, build
 from skipgpt_dist import routing_context
 from skipgpt_dist.routing.attention import (choose_backend, flash_varlen_attention,
@@ -87,11 +88,13 @@ def test_fp32_never_resolves_to_flash():
             assert choose_backend(requested, "cuda", torch.float32, compacted, window, False, True, True,
                                   True) != "flash"
     q32 = torch.zeros(1, 2, 3, 4)
-    assert layer_mod.resolve_backend("auto", True, q32) == "sdpa"
+    spec = spec_mod.attention_spec("auto", q32, None, 1.0, None, compacted=True, has_cache=False, static_queries=True,
+                                   prefix=False, open_keys=False)
+    assert spec.backend == "sdpa"
 
 
 def test_explicit_flash_that_cannot_serve_warns_once_and_falls_back(monkeypatch):
-    monkeypatch.setattr(attention, "_WARNED", set())
+    monkeypatch.setattr(backend_choice, "_WARNED", set())
     with pytest.warns(UserWarning, match="fp16/bf16 inputs only"):
         assert choose_backend("flash", "cuda", torch.float32, True, None, False, True, True, True) == "sdpa"
     with pytest.warns(UserWarning, match="sliding window over compacted keys"):
@@ -160,10 +163,11 @@ def pretend_cuda_with_flash(monkeypatch):
     installed. (Tensors stay on CPU, so flex runs eagerly and SDPA takes its CPU path.)"""
     real = choose_backend
 
-    def on_cuda(requested, device_type, dtype, compacted, window, has_cache, static_queries, flash_ok, flex_ok):
-        return real(requested, "cuda", dtype, compacted, window, has_cache, static_queries, True, flex_ok)
+    def on_cuda(requested, device_type, dtype, compacted, window, has_cache, static_queries, flash_ok, flex_ok,
+                softcap=None):
+        return real(requested, "cuda", dtype, compacted, window, has_cache, static_queries, True, flex_ok, softcap)
 
-    monkeypatch.setattr(layer_mod, "choose_backend", on_cuda, raising=False)
+    monkeypatch.setattr(spec_mod, "choose_backend", on_cuda)
 
 
 def test_varlen_reference_is_flash_contract_for_compacted_keys(fake_flash):
@@ -324,6 +328,32 @@ def test_flex_with_cache_prefill_and_decode_equals_full_forward(policy):
             cache = out.cache
     real = mask.bool()
     torch.testing.assert_close(torch.cat(pieces, dim=1)[real], full[real], atol=1e-5, rtol=1e-5)
+
+
+def test_softcapped_calls_never_reach_a_backend_that_ignores_the_cap():
+    """Soft-capped attention (Gemma 2): sdpa and flash cannot apply the cap, so they never serve; math takes sdpa's
+    place and flex stays where it was chosen."""
+    for c, plain in all_choices():
+        args = (c["requested"], c["device"], c["dtype"], c["compacted"], c["window"], c["cache"], c["static"],
+                c["flash_ok"], c["flex_ok"])
+        with _no_raise():
+            got = choose_backend(*args, softcap=2.0)
+        assert backend_choice.BACKENDS[got].softcap and got in ("math", "flex"), c
+        if plain == "flex" or (plain == "sdpa" and got != "flex"):
+            assert got == {"flex": "flex", "sdpa": "math"}[plain], c
+
+
+def test_softcapped_flex_equals_the_math_path(policy="all"):
+    """Gemma 2 (soft cap 2.0, sliding/full layers): capacity through flex (the cap as a score_mod) == mask mode
+    through the CPU math path. (Routing disabled == the plain, capping, eager HF model: tests/test_families.py.)"""
+    ids, mask = batch(seed=3, padding="left", seq_len=12)
+    with torch.no_grad():
+        want = build("gemma2", mode="mask", kv_policy=policy, skip_shift=0.5)(ids, attention_mask=mask) \
+            .logits[mask.bool()]
+        model = build("gemma2", mode="capacity", capacity=1.0, kv_policy=policy, skip_shift=0.5,
+                      attn_backend="flex", inference_slots="static")
+        got = model(ids, attention_mask=mask).logits[mask.bool()]
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
 
 
 def test_cpu_sdpa_path_unchanged_by_chooser():

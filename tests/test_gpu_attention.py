@@ -136,7 +136,7 @@ def _run(family, window, backend, mode, policy, ids, mask):
 def test_capacity_equals_mask_in_bf16_on_every_backend(family, window, policy, monkeypatch):
     """capacity == mask in bf16, on auto (flex for kv_policy=all; flash for unwindowed routed when installed,
     else flex), sdpa and flex; a Mistral window (64) that bites at 256 tokens. Also which back end auto ran."""
-    import skipgpt_dist.routing.layer as layer_mod
+    import skipgpt_dist.routing.attention_spec as spec_mod  # (where the routed call dispatches)
 
     gen = torch.Generator().manual_seed(3)
     ids = torch.randint(0, 128, (2, 256), generator=gen).to(DEVICE)
@@ -146,13 +146,15 @@ def test_capacity_equals_mask_in_bf16_on_every_backend(family, window, policy, m
     reference = _run(family, window, "sdpa", "mask", policy, ids, mask)[real]
     ran = []
     for name in ("flash_varlen_attention", "flex_attention_call", "sdpa_attention", "sdpa_prefix_attention"):
-        real_fn = getattr(layer_mod, name)
-        monkeypatch.setattr(layer_mod, name, lambda *a, _f=real_fn, _n=name, **k: (ran.append(_n), _f(*a, **k))[1])
+        real_fn = getattr(spec_mod, name)
+        monkeypatch.setattr(spec_mod, name, lambda *a, _f=real_fn, _n=name, **k: (ran.append(_n), _f(*a, **k))[1])
     for backend in ("auto", "sdpa", "flex"):
         ran.clear()
         got = _run(family, window, backend, "capacity", policy, ids, mask)[real]
         torch.testing.assert_close(got, reference, **BF16_TOL, msg=f"{backend}")
         if backend == "auto":
-            flash = policy == "routed" and window is None and layer_mod.flash_attn_available()
+            from skipgpt_dist.routing.attention import flash_attn_available
+
+            flash = policy == "routed" and window is None and flash_attn_available()
             assert set(ran) == {"flash_varlen_attention" if flash else "flex_attention_call"}, ran
         assert "flash_varlen_attention" not in ran or window is None

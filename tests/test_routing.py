@@ -11,6 +11,11 @@ from skipgpt_dist import (RouterConfig, SkipGPTError, attach_routers, count_rout
 from skipgpt_dist.routing.gates import hashed_uniform
 
 POLICIES = ("all", "routed")
+# The full invariant grids run on the Llama-block families; the others (Qwen3's q/k norms, Gemma 2's sandwich norms,
+# windows and soft-capping, Phi-3's fused projections and partial RoPE, Mixtral's MoE) on a cheap slice here, and
+# through every invariant in the per-family conformance suite (tests/test_families.py).
+LLAMA_BLOCK = ("llama_mha", "llama_gqa", "mistral", "qwen2")
+OTHER_FAMILIES = tuple(sorted(set(FAMILIES) - set(LLAMA_BLOCK)))
 PADDINGS = ("none", "left", "right")
 SLOTS = ("static", "dynamic")  # routers.inference_slots: what capacity mode does in these no-grad eval forwards
 
@@ -19,10 +24,11 @@ def logits_on_real(model, ids, mask):
     return model(ids, attention_mask=mask).logits[mask.bool()]
 
 
-@pytest.mark.parametrize("family", sorted(FAMILIES))
-@pytest.mark.parametrize("policy", POLICIES)
-@pytest.mark.parametrize("padding", PADDINGS)
-@pytest.mark.parametrize("slots", SLOTS)
+FORWARD_GRID = [(f, pol, pad, slots) for f in LLAMA_BLOCK for pol in POLICIES for pad in PADDINGS for slots in SLOTS] \
+    + [(f, pol, pad, "static") for f in OTHER_FAMILIES for pol in POLICIES for pad in ("left", "right")]
+
+
+@pytest.mark.parametrize("family, policy, padding, slots", FORWARD_GRID)
 def test_capacity_equals_mask_forward(family, policy, padding, slots):
     ids, mask = batch(seed=3, padding=padding)
     reference = build(family, mode="mask", kv_policy=policy, skip_shift=0.5)
@@ -68,10 +74,13 @@ def train_step_grads(model, ids, mask):
 ESTIMATOR_PAIRS = (("executed", "executed"), ("dense", "probe"))
 
 
-@pytest.mark.parametrize("family", ["llama_gqa", "mistral", "qwen2"])
-@pytest.mark.parametrize("policy", POLICIES)
-@pytest.mark.parametrize("padding", ["none", "left"])
-@pytest.mark.parametrize("estimators", ESTIMATOR_PAIRS, ids=lambda pair: "-".join(pair))
+GRADIENT_GRID = [(f, pol, pad, est) for f in ("llama_gqa", "mistral", "qwen2") for pol in POLICIES
+                 for pad in ("none", "left") for est in ESTIMATOR_PAIRS] \
+    + [(f, pol, "left", ESTIMATOR_PAIRS[0]) for f in OTHER_FAMILIES for pol in POLICIES]
+
+
+@pytest.mark.parametrize("family, policy, padding, estimators", GRADIENT_GRID,
+                         ids=lambda v: "-".join(v) if isinstance(v, tuple) else str(v))
 def test_capacity_equals_mask_router_gradients(family, policy, padding, estimators):
     ids, mask = batch(seed=5, padding=padding)
     loss_mask, grads_mask = train_step_grads(build(family, mode="mask", kv_policy=policy, gate_grad=estimators[0]),
@@ -194,7 +203,7 @@ def incremental_logits(model, ids, mask, prefill):
     return torch.cat(pieces, dim=1), cache
 
 
-@pytest.mark.parametrize("family", sorted(FAMILIES))
+@pytest.mark.parametrize("family", LLAMA_BLOCK)
 @pytest.mark.parametrize("policy", POLICIES)
 @pytest.mark.parametrize("mode, slots", [("mask", "dynamic"), ("capacity", "static"), ("capacity", "dynamic")])
 @pytest.mark.parametrize("padding", ["none", "left"])
@@ -478,7 +487,7 @@ def test_unsupported_family_names_the_supported_ones():
     from transformers import GPT2Config, GPT2LMHeadModel
 
     model = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=50))
-    with pytest.raises(SkipGPTError, match="llama, mistral, qwen2"):
+    with pytest.raises(SkipGPTError, match="gemma2, llama, mistral, mixtral, phi3, qwen2, qwen3"):
         attach_routers(model, RouterConfig())
 
 
@@ -655,3 +664,54 @@ def test_routed_cache_appends_into_buffers_equal_to_concatenation():
         append(1)  # must not write into the saved tensor
     assert torch.equal(saved, before) and saved._version == version
     assert torch.equal(layer.keys, torch.cat(ref_k, dim=2))
+
+
+# ---------------------------------------------------------------- family math the adapters own
+
+
+def test_moe_aux_loss_counts_only_the_tokens_that_reached_the_experts():
+    """Mixtral: with routing disabled the aux loss is Hugging Face's own; capacity (padding slots and skipped tokens
+    send nothing that counts) == mask (executed tokens count), while each layer's expert router saw only its slots."""
+    ids, mask = batch(seed=3, padding="left")
+    torch.manual_seed(0)
+    plain = FAMILIES["mixtral"]().float().eval()
+    with torch.no_grad():
+        want = plain(ids, attention_mask=mask, labels=ids, output_router_logits=True).aux_loss
+        attach_routers(plain, RouterConfig(mode="capacity"))
+        with routing_disabled(plain):
+            assert plain(ids, attention_mask=mask, output_router_logits=True).aux_loss.item() == \
+                pytest.approx(want.item(), abs=1e-6)
+        aux = {}
+        for mode in ("mask", "capacity"):
+            model = build("mixtral", mode=mode, capacity=1.0, skip_shift=0.5, inference_slots="dynamic")
+            out = model(ids, attention_mask=mask, labels=ids, output_router_logits=True)
+            aux[mode], rows = out.aux_loss, [t.shape[0] for t in out.router_logits]
+            assert len(rows) == 3 and (max(rows) < mask.sum() if mode == "capacity" else set(rows) == {ids.numel()})
+            lm = torch.nn.functional.cross_entropy(out.logits[:, :-1].flatten(0, 1), ids[:, 1:].flatten())
+            torch.testing.assert_close(out.loss, lm + model.config.router_aux_loss_coef * out.aux_loss)
+            assert model(ids, attention_mask=mask).aux_loss is None  # not asked: nothing recorded
+    torch.testing.assert_close(aux["capacity"], aux["mask"], atol=1e-6, rtol=1e-6)
+
+
+def lora_targets_of(family, names):
+    from types import SimpleNamespace
+
+    from skipgpt_dist.training.model_setup import apply_lora
+
+    torch.manual_seed(0)
+    model = FAMILIES[family]().float()
+    attach_routers(model, RouterConfig())
+    lora = SimpleNamespace(r=2, alpha=4, dropout=0.0, target_modules=names)
+    wrapped = apply_lora(model, lora)
+    return {name.split(".")[-1] for name, _ in wrapped.named_modules() if hasattr(_, "lora_A")}
+
+
+def test_default_lora_targets_are_translated_per_family():
+    defaults = ("q_proj", "v_proj", "gate_proj")
+    assert lora_targets_of("llama_gqa", defaults) == set(defaults)
+    assert lora_targets_of("phi3", defaults) == {"qkv_proj", "gate_up_proj"}  # fused projections
+    assert lora_targets_of("mixtral", defaults) == {"q_proj", "v_proj"}  # 3-D expert weights: attention only
+    with pytest.raises(SkipGPTError, match="match no layer of this mixtral model.*q_proj, v_proj"):
+        lora_targets_of("mixtral", ("gate_proj",))
+    with pytest.raises(SkipGPTError, match="match no layer of this phi3 model.*qkv_proj, gate_up_proj"):
+        lora_targets_of("phi3", ("no_such_proj",))

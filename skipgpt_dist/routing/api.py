@@ -19,6 +19,7 @@ from .attention import check_backend
 from .config import RouterConfig
 from .context import RoutingContext, capture_attention_mask
 from .layer import LayerRouting, RoutedLayerMixin
+from .moe import install_moe_aux
 from .routers import Router
 
 ROUTER_NAMES = ("skipgpt_attn_router", "skipgpt_mlp_router")
@@ -74,16 +75,19 @@ def attach_routers(model: nn.Module, cfg: Optional[RouterConfig] = None) -> nn.M
     check_layer_capacity(cfg, len(layers))
     ctx = RoutingContext(cfg=cfg, temperature=cfg.temperature_start)
     for idx, layer in enumerate(layers):
-        reference = getattr(getattr(layer, adapter.attn), adapter.q_proj).weight
+        reference = next(getattr(layer, adapter.attn).parameters())  # (its device and dtype)
         for name in ROUTER_NAMES:
             router = Router(config.hidden_size, cfg.router_type, init_bias=float(cfg.init_margin),
                             normalize_input=cfg.normalize_input)
             setattr(layer, name, router.to(device=reference.device, dtype=ROUTER_DTYPE))
         scale = getattr(getattr(layer, adapter.attn), "scaling", shape.head_dim ** -0.5)
-        layer._skipgpt = LayerRouting(idx, adapter, shape, adapter.sliding_window(layer, config), scale, ctx)
+        layer._skipgpt = LayerRouting(idx, adapter, shape, adapter.sliding_window(layer, config), scale, ctx,
+                                      softcap=adapter.softcap(layer, config))
         layer.__class__ = _routed_class(type(layer))
     base = _inner_model(model, adapter)
     base.register_forward_pre_hook(capture_attention_mask(ctx), with_kwargs=True)
+    if adapter.moe_router is not None:
+        install_moe_aux(model, layers, adapter, ctx)
     model._skipgpt_ctx = ctx
     return model
 

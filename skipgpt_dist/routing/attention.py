@@ -8,13 +8,17 @@ valid, not in the future, and (with a sliding window) not too far back. Back end
   bottom-right alignment is exactly "by position", but flash's window counts compacted KEY SLOTS, not positions.
   (flash-attn's own causal mask is WRONG for arbitrary gathered queries, hence kv_policy=all never uses it.)
 - `flex`: FlexAttention whose mask_mod reads the position vectors (q_pos, k_pos, k_valid, window), so its block
-  mask skips future blocks; compiled once on GPU, eager on CPU (slow but exact, for tests).
-choose_backend holds every rule that picks one of them.
+  mask skips future blocks; compiled once on GPU, eager on CPU (slow but exact, for tests). Soft-caps through a
+  score_mod.
+- `math`: the SDPA paths (mask, CPU blocked key trimming) with an explicit score computation, for soft-capped
+  attention logits (Gemma 2), which SDPA cannot apply.
+Each back end declares what it serves (backend_choice.BACKENDS); choose_backend there holds every rule that picks
+one of them; attention_spec decides it once per call.
 """
 from __future__ import annotations
 
+import functools
 import importlib.util
-import warnings
 from typing import Optional
 
 import torch
@@ -22,8 +26,7 @@ import torch.nn.functional as F
 from torch.nn.attention.flex_attention import create_block_mask, flex_attention
 
 from ..errors import SkipGPTError
-
-HALF_DTYPES = (torch.float16, torch.bfloat16)
+from .backend_choice import HALF_DTYPES, choose_backend  # noqa: F401 (the chooser's home; imported from here too)
 
 
 def flash_attn_available() -> bool:
@@ -32,63 +35,6 @@ def flash_attn_available() -> bool:
 
 def flex_attention_available() -> bool:
     return True  # torch>=2.6 (setup.py) always ships torch.nn.attention.flex_attention
-
-
-def choose_backend(requested: str, device_type: str, dtype: torch.dtype, compacted: bool, window: Optional[int],
-                   has_cache: bool, static_queries: bool, flash_available: bool, flex_available: bool) -> str:
-    """The attention back end of one routed attention call: "sdpa", "flash" or "flex". Pure logic.
-
-    requested: routers.attn_backend ("auto", "sdpa", "flash", "flex"). compacted: the keys are this call's query
-    slots plus an earlier cache (kv_policy=routed with slots). has_cache: a KV cache is in use (prefill/decode).
-    static_queries: the query count is a static one (S, or the k = ceil(capacity * S) slots), not a data-dependent
-    count (inference_slots=dynamic): a kernel compiled with dynamic=False then compiles once per batch shape.
-
-    - flash is exact only for compacted slots without a sliding window (its window counts key slots, not
-      positions), and flash-attn runs only on CUDA in fp16/bf16.
-    - auto: CPU -> sdpa (the CPU paths are unchanged). CUDA and fp32 -> sdpa. CUDA and fp16/bf16: flash where
-      exact and available (its varlen packing is shape-free, so also with a cache or dynamic slots); else, with
-      no cache and a static query count, flex where available (kv_policy=all always lands here); else sdpa.
-    - flash requested for a call it cannot serve exactly or at all: the auto choice without flash; a warning
-      (once per reason) when the reason is the config (fp32, a sliding window, no flash-attn here), none for calls
-      that simply are not compacted (mask mode, a sublayer every token executes), as before.
-    - sdpa and flex requested: used as asked (flex falls back to sdpa where torch lacks it).
-    """
-    if requested == "sdpa":
-        return "sdpa"
-    if requested == "flex":
-        return "flex" if flex_available else "sdpa"
-    half = dtype in HALF_DTYPES
-    cuda = device_type == "cuda"
-    flash_exact = compacted and window is None
-    if flash_exact and cuda and half and flash_available:
-        return "flash"
-    if requested == "flash":
-        reason = _flash_refusal(cuda, half, compacted, window, flash_available)
-        if reason is not None:
-            _warn_once(f"routers.attn_backend=flash: {reason}; using the exact back end auto picks instead")
-    if cuda and half and flex_available and static_queries and not has_cache:
-        return "flex"
-    return "sdpa"
-
-
-def _flash_refusal(cuda: bool, half: bool, compacted: bool, window: Optional[int], flash_available: bool):
-    if not (cuda and flash_available):
-        return "flash-attn cannot run here (it needs a CUDA device and the flash-attn package)"
-    if not half:
-        return "flash-attn takes fp16/bf16 inputs only, these are fp32"
-    if compacted and window is not None:
-        return ("a sliding window over compacted keys (kv_policy=routed) is not exact in flash-attn, whose "
-                "window counts key slots, not positions")
-    return None  # not compacted: flash never served these calls
-
-
-_WARNED: set[str] = set()
-
-
-def _warn_once(message: str) -> None:
-    if message not in _WARNED:
-        _WARNED.add(message)
-        warnings.warn(message, stacklevel=3)
 
 
 def check_backend(backend: str) -> None:
@@ -129,7 +75,7 @@ def allowed_mask(q_pos: torch.Tensor, k_pos: torch.Tensor, k_valid: torch.Tensor
 SDPA_QUERY_BLOCK = 64
 
 
-def sdpa_attention(q, k, v, q_pos, k_pos, k_valid, window, scale):
+def sdpa_attention(q, k, v, q_pos, k_pos, k_valid, window, scale, softcap=None):
     """q (B, H, Q, D); k, v (B, Hkv, K, D). Returns (B, H, Q, D).
 
     With an explicit mask SDPA computes every (query, key) pair; is_causal's skipping of the future does not
@@ -139,12 +85,12 @@ def sdpa_attention(q, k, v, q_pos, k_pos, k_valid, window, scale):
     """
     mask = allowed_mask(q_pos, k_pos, k_valid, window)
     if not _trim_keys(q):
-        return _sdpa_one_call(q, k, v, mask, scale)
+        return _sdpa_one_call(q, k, v, mask, scale, softcap)
     return _sdpa_in_blocks(q, k, v, _key_spans(mask, SDPA_QUERY_BLOCK),
-                           lambda s, e, lo, hi: mask[:, :, s:e, lo:hi], scale)
+                           lambda s, e, lo, hi: mask[:, :, s:e, lo:hi], scale, softcap)
 
 
-def sdpa_prefix_attention(q, k, v, q_pos, window, scale):
+def sdpa_prefix_attention(q, k, v, q_pos, window, scale, softcap=None):
     """Attention where the keys are positions 0..K-1 of the sequence, all valid (kv_policy=all with no padding and
     nothing cached before): a query at position p attends keys [max(0, p - window + 1), p]. The same as
     sdpa_attention without building and reducing a (Q, K) mask: each block's key range comes from its first and
@@ -154,7 +100,8 @@ def sdpa_prefix_attention(q, k, v, q_pos, window, scale):
     rows = q.shape[2]
     if not _trim_keys(q):  # one call over every key (no host sync; GPU, torch.compile, short sequences)
         keys = k.shape[2]
-        return _sdpa_one_call(q, k, v, _PrefixMaskRows(keys, window, q.dtype, q.device)(q_pos, 0, keys), scale)
+        return _sdpa_one_call(q, k, v, _PrefixMaskRows(keys, window, q.dtype, q.device)(q_pos, 0, keys), scale,
+                              softcap)
     starts = list(range(0, rows, SDPA_QUERY_BLOCK))
     ends = [min(s + SDPA_QUERY_BLOCK, rows) for s in starts]
     # one host read for every block's range: the last query of a block has the block's highest position
@@ -163,21 +110,40 @@ def sdpa_prefix_attention(q, k, v, q_pos, window, scale):
         (q_pos[:, starts].amin(dim=0) - window + 1).clamp_min(0).tolist()
     mask_rows = _PrefixMaskRows(max(his), window, q.dtype, q.device)
     return _sdpa_in_blocks(q, k, v, list(zip(starts, ends, los, his)),
-                           lambda s, e, lo, hi: mask_rows(q_pos[:, s:e], lo, hi), scale)
+                           lambda s, e, lo, hi: mask_rows(q_pos[:, s:e], lo, hi), scale, softcap)
 
 
-def _sdpa_one_call(q, k, v, mask, scale):
+def _sdpa_one_call(q, k, v, mask, scale, softcap=None):
     k, v, native_gqa = _grouped_kv(q, k, v, mask)
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=native_gqa)
+    return _kernel(softcap)(q, k, v, attn_mask=mask, scale=scale, enable_gqa=native_gqa)
 
 
-def _sdpa_in_blocks(q, k, v, spans, block_mask, scale):
+def _kernel(softcap: Optional[float]):
+    """SDPA, or with soft-capping the explicit computation (SDPA has no cap): the same call signature."""
+    return F.scaled_dot_product_attention if softcap is None else functools.partial(softcapped_attention,
+                                                                                      softcap=softcap)
+
+
+def softcapped_attention(q, k, v, attn_mask=None, scale=None, enable_gqa=False, softcap=None):
+    """softmax(softcap * tanh(q k^T * scale / softcap) + mask) v, as Gemma 2's eager attention computes it (the
+    cap before the mask, softmax in fp32). attn_mask: bool (True = allowed) or additive float, (B, 1, Q, K)."""
+    if enable_gqa and k.shape[1] != q.shape[1]:
+        repeat = q.shape[1] // k.shape[1]
+        k, v = k.repeat_interleave(repeat, dim=1), v.repeat_interleave(repeat, dim=1)
+    scores = torch.matmul(q, k.transpose(-1, -2)) * scale
+    scores = torch.tanh(scores / softcap) * softcap
+    if attn_mask is not None:
+        scores = scores.masked_fill(~attn_mask, float("-inf")) if attn_mask.dtype == torch.bool else \
+            scores + attn_mask
+    return torch.matmul(torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype), v)
+
+
+def _sdpa_in_blocks(q, k, v, spans, block_mask, scale, softcap=None):
     """One SDPA call per (start, end, lo, hi) span: query rows [start, end) over keys [lo, hi), with
     block_mask(start, end, lo, hi). CPU only (its SDPA reads grouped KV heads natively: no repeated K/V)."""
-    gqa = k.shape[1] != q.shape[1]
-    outs = [F.scaled_dot_product_attention(q[:, :, s:e], k[:, :, lo:hi], v[:, :, lo:hi],
-                                           attn_mask=block_mask(s, e, lo, hi), scale=scale,
-                                           enable_gqa=gqa).transpose(1, 2)
+    gqa, kernel = k.shape[1] != q.shape[1], _kernel(softcap)
+    outs = [kernel(q[:, :, s:e], k[:, :, lo:hi], v[:, :, lo:hi], attn_mask=block_mask(s, e, lo, hi), scale=scale,
+                   enable_gqa=gqa).transpose(1, 2)
             for s, e, lo, hi in spans]
     # Joined in (B, Q, H, D) memory, as CPU SDPA lays out its own output: the caller's
     # transpose(1, 2).reshape(B, Q, H * D) is then a view, not one more copy of every row.
@@ -207,10 +173,10 @@ class _PrefixMaskRows:
         return windows[(self.keys - 1 + lo) - q_pos][:, None]
 
 
-def sdpa_unmasked(q, k, v, scale):
+def sdpa_unmasked(q, k, v, scale, softcap=None):
     """Attention where every query may attend every key (e.g. one decode token over an all-valid cache)."""
     k, v, native_gqa = _grouped_kv(q, k, v)
-    return F.scaled_dot_product_attention(q, k, v, scale=scale, enable_gqa=native_gqa)
+    return _kernel(softcap)(q, k, v, scale=scale, enable_gqa=native_gqa)
 
 
 def _grouped_kv(q, k, v, mask=None):
@@ -315,12 +281,21 @@ def position_block_mask(q_pos, k_pos, k_valid, window, cache: Optional[dict] = N
     return block_mask
 
 
-def flex_attention_call(q, k, v, q_pos, k_pos, k_valid, window, scale, cache: Optional[dict] = None):
+def flex_attention_call(q, k, v, q_pos, k_pos, k_valid, window, scale, cache: Optional[dict] = None,
+                        softcap: Optional[float] = None):
     """q (B, H, Q, D); k, v (B, Hkv, K, D), grouped KV heads read natively. A query with no allowed key (padding,
-    discarded by the caller) gets a zero output."""
+    discarded by the caller) gets a zero output. softcap: a score_mod caps the (scaled) logits before the mask."""
     block_mask = position_block_mask(q_pos, k_pos, k_valid, window, cache)
     return _flex_kernel(q.device.type)(q, k, v, block_mask=block_mask, scale=scale,
+                                       score_mod=None if softcap is None else _softcap_score_mod(softcap),
                                        enable_gqa=k.shape[1] != q.shape[1])
+
+
+def _softcap_score_mod(softcap: float):
+    def score_mod(score, b, h, q_idx, kv_idx):
+        return torch.tanh(score / softcap) * softcap
+
+    return score_mod
 
 
 def flash_varlen_attention(q, k, v, q_real, k_real, scale):

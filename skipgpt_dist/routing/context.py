@@ -63,6 +63,8 @@ class RoutingContext:
     num_layers: int = 0  # routed layers sharing this context (each LayerRouting counts itself in)
     stats: dict = field(default_factory=dict)  # layer index -> per-kind statistics of the last forward
     layouts: dict = field(default_factory=dict)  # token_layout results of the current forward
+    # MoE families, while the aux loss is asked: layer index -> {"logits": expert-router logits, "rows": executed}
+    moe_record: Optional[dict] = None
 
     def valid_tokens(self, batch: int, seq_len: int, device) -> torch.Tensor:
         """(B, S) bool: which of the current tokens are real (not padding)."""

@@ -6,6 +6,8 @@ results back, so compute follows the routers while every shape depends only on (
 At inference (`capacity`, nothing recorded by autograd, `inference_slots=dynamic`) k is instead the busiest row's
 number of executed tokens, and a sublayer that no token executes does not run: equal to `mask`, with no padding
 slot work (at batch-1 decode a skipped sublayer costs nothing).
+The family's math (projections, norms, RoPE, MLP) comes from its adapter (adapters.py); each attention call's key
+layout and back end are decided once, in one AttentionSpec (attention_spec.py).
 """
 from __future__ import annotations
 
@@ -15,13 +17,14 @@ from typing import Optional
 import torch
 from torch import nn
 
-from .adapters import AttentionShape, FamilyAdapter, apply_rope
-from .attention import (choose_backend, flash_attn_available, flash_varlen_attention, flex_attention_available,
-                        flex_attention_call, sdpa_attention, sdpa_prefix_attention, sdpa_unmasked)
+from .adapters import AttentionShape, FamilyAdapter
+from .attention_spec import attention_spec, detached, keys_with_cache, run_attention
 from .cache import RoutedCacheLayer, routed_cache_layer
 from .context import RoutingContext, TokenLayout, host_reads_free
 from .gates import (Gates, capacity_slots, draw_gates, hashed_uniform_from_base, select_slots,
                     select_slots_with_probes)
+from .moe import record_moe_rows
+from .slots import flat_index, gather_tokens, row_or_spare, scatter_add_tokens, spare_row_buffer
 
 ATTN, MLP = 0, 1
 
@@ -36,6 +39,7 @@ class LayerRouting:
     window: Optional[int]
     scale: float
     ctx: RoutingContext
+    softcap: Optional[float] = None  # attention logit soft-capping (Gemma 2)
 
     def __post_init__(self):
         # the context sizes its per-forward noise table (one entry per layer and kind) from this
@@ -229,47 +233,6 @@ def single_token_plan(logits: torch.Tensor, layout: TokenLayout) -> Plan:
     return Plan(gates=gates, executed_tokens=layout.no_tokens, empty=True, decided=layout.zero)
 
 
-def _flat_index(idx: torch.Tensor, seq_len: int) -> torch.Tensor:
-    """(B, k) token indices -> (B*k,) row indices into the (B*S, ...) flattened tensor."""
-    if idx.shape[0] == 1:
-        return idx.reshape(-1)
-    offsets = torch.arange(idx.shape[0], device=idx.device)[:, None] * seq_len
-    return (idx + offsets).reshape(-1)
-
-
-def _row_or_spare(idx: torch.Tensor, real: torch.Tensor, seq_len: int) -> torch.Tensor:
-    """(B*k,) row of each slot in the flattened (B*S + 1, ...) buffer of scatter_add_tokens: its token's row, or the
-    spare row B*S for a padding slot."""
-    return torch.where(real.reshape(-1), _flat_index(idx, seq_len), idx.shape[0] * seq_len)
-
-
-def gather_tokens(x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
-    # Row-wise index_select on the flattened tensor: ~10x faster on CPU than gather with an index expanded
-    # over the hidden dimension (forward and backward), same values.
-    batch, seq_len = x.shape[:2]
-    rows = x.reshape(batch * seq_len, *x.shape[2:]).index_select(0, _flat_index(idx, seq_len))
-    return rows.view(batch, idx.shape[1], *x.shape[2:])
-
-
-def scatter_add_tokens(h: torch.Tensor, idx: torch.Tensor, rows: torch.Tensor, real: torch.Tensor) -> torch.Tensor:
-    """h with rows (B, k, d) added at token indices idx (B, k; distinct per row) where real (B, k) is set.
-
-    Rows of padding slots (real False) are added to a scratch row that is dropped, so whatever they hold never
-    reaches h (and they get zero gradient), without a masking pass over the rows. The result is the first B*S rows
-    of that (B*S + 1)-row buffer (spare_row_buffer finds it again for the in-place MLP combine).
-    """
-    batch, seq_len, dim = h.shape
-    n = batch * seq_len
-    out = torch.cat([h.reshape(n, dim), h.new_zeros(1, dim)]).index_add_(0, _row_or_spare(idx, real, seq_len),
-                                                                          rows.reshape(-1, dim))
-    return out[:n].view(batch, seq_len, dim)
-
-
-def project_heads(linear: nn.Module, x: torch.Tensor, heads: int, head_dim: int) -> torch.Tensor:
-    out = linear(x)
-    return out.view(*x.shape[:2], heads, head_dim).transpose(1, 2)
-
-
 def attention_sublayer(layer, r: LayerRouting, h, plan: Plan, layout: TokenLayout, cos, sin,
                        cache_layer: Optional[RoutedCacheLayer]) -> torch.Tensor:
     ad, shape, cfg = r.adapter, r.shape, r.ctx.cfg
@@ -289,60 +252,28 @@ def attention_sublayer(layer, r: LayerRouting, h, plan: Plan, layout: TokenLayou
         x_q = norm(gather_tokens(h, plan.idx)) if x is None else gather_tokens(x, plan.idx)
         q_pos = positions.gather(1, plan.idx)
         q_cos, q_sin = gather_tokens(cos[:, 0], plan.idx)[:, None], gather_tokens(sin[:, 0], plan.idx)[:, None]
-    q = apply_rope(project_heads(getattr(attn, ad.q_proj), x_q, shape.heads, shape.head_dim), q_cos, q_sin)
-    if routed_kv and plan.idx is not None:
-        x_kv, k_pos, k_cos, k_sin, keep = x_q, q_pos, q_cos, q_sin, plan.real
-    else:
-        x_kv, k_pos, k_cos, k_sin = x, positions, cos, sin
-        keep = plan.executed if routed_kv else valid
-    k = apply_rope(project_heads(getattr(attn, ad.k_proj), x_kv, shape.kv_heads, shape.head_dim), k_cos, k_sin)
-    v = project_heads(getattr(attn, ad.v_proj), x_kv, shape.kv_heads, shape.head_dim)
     compacted = routed_kv and plan.idx is not None
+    if compacted or plan.idx is None:  # queries and keys come from the same rows: one (maybe fused) projection
+        q, k, v = ad.qkv(attn, x_q, shape)
+        k_pos, k_cos, k_sin = q_pos, q_cos, q_sin
+        keep = plan.real if compacted else plan.executed if routed_kv else valid
+    else:
+        q, k, v = ad.q_at_slots(attn, x, x_q, plan.idx, shape)
+        k_pos, k_cos, k_sin, keep = positions, cos, sin, valid
+    q, k = ad.rope(q, q_cos, q_sin), ad.rope(k, k_cos, k_sin)
+    # kv_policy=all, no padding, nothing cached before this chunk: the keys are exactly positions 0..S-1, all valid
+    prefix = not routed_kv and (cache_layer is None or cache_layer.seen == 0) and layout.all_valid
+    all_kept = cache_layer is not None and layout.all_valid and (not routed_kv or plan.all_executed)
+    keys = keys_with_cache(cache_layer, k, v, k_pos, keep, h.shape[1], all_kept, r.window)
     # a static query count: every token (S) or the static k slots, not a data-dependent dynamic-slot count
     static_queries = plan.idx is None or plan.idx.shape[1] == capacity_slots(h.shape[1],
                                                                             cfg.capacity_for(ATTN, r.layer_idx))
-    backend = resolve_backend(cfg.attn_backend, compacted, q, r.window, cache_layer is not None, static_queries)
-    all_kept = cache_layer is not None and layout.all_valid and (not routed_kv or plan.all_executed)
-    # kv_policy=all, no padding, nothing cached before this chunk: the keys are exactly positions 0..S-1, all valid
-    prefix_keys = not routed_kv and (cache_layer is None or cache_layer.seen == 0) and layout.all_valid
-    keys, values, key_pos, key_valid, open_keys = with_cache(cache_layer, r, k, v, k_pos, keep, h.shape[1],
-                                                             all_kept, backend == "sdpa",
-                                                             backend == "flex" or not prefix_keys)
-    # (flash packs only these queries: under kv_policy=routed its probes get no output, so no gradient signal)
-    out = run_attention(backend, q, keys, values, q_pos, key_pos, key_valid, r, compacted, plan.real, open_keys,
-                        prefix_keys)
+    spec = attention_spec(cfg.attn_backend, q, r.window, r.scale, r.softcap, compacted=compacted,
+                          has_cache=cache_layer is not None, static_queries=static_queries, prefix=prefix,
+                          open_keys=keys.open_keys)
+    out = run_attention(spec, q, keys, q_pos, plan.real, r.ctx.layouts)
     out = out.transpose(1, 2).reshape(*x_q.shape[:2], shape.heads * shape.head_dim)
-    return combine(h, getattr(attn, ad.o_proj)(out), plan, cfg.gate_grad == "dense")
-
-
-def with_cache(cache_layer: Optional[RoutedCacheLayer], r: LayerRouting, k, v, k_pos, keep, new_tokens: int,
-               all_kept: bool, maskless_ok: bool, positions_needed: bool = True):
-    """(keys, values, key_pos, key_valid, open_keys): this chunk's keys/values after the cached ones.
-
-    open_keys: one new token per row over a cache of only valid entries, all inside the window, so every key is
-    allowed (the decode case); with maskless_ok (SDPA serves) positions and flags are then not even fetched.
-    positions_needed=False: the attention call will not read them either (prefix keys), so the cache's implied
-    positions and flags are not built.
-    """
-    if cache_layer is None:
-        return k, v, k_pos, keep, False
-    past = cache_layer.past() if k.requires_grad else None
-    cache_layer.append(_detached(k), _detached(v), k_pos, keep, new_tokens=new_tokens, all_kept=all_kept)
-    open_keys = new_tokens == 1 and cache_layer.all_valid and (r.window is None or cache_layer.seen <= r.window)
-    if past is not None:  # autograd records this chunk's keys: attend them, not the cache's detached copy
-        return (torch.cat([past[0], k], dim=2), torch.cat([past[1], v], dim=2), torch.cat([past[2], k_pos], dim=1),
-                torch.cat([past[3], keep], dim=1), open_keys)
-    if k.requires_grad or cache_layer.keys.shape[2] == 0:
-        # (an empty cache: no row kept a key yet, e.g. mask mode; the chunk's rows are then opened by allowed_mask)
-        return k, v, k_pos, keep, open_keys
-    # The cache (appended first) already holds the past and this chunk, minus entries never attended: no copy.
-    if (open_keys and maskless_ok) or not positions_needed:
-        return cache_layer.keys, cache_layer.values, None, None, open_keys
-    return cache_layer.keys, cache_layer.values, cache_layer.key_pos, cache_layer.key_valid, open_keys
-
-
-def _detached(t: torch.Tensor) -> torch.Tensor:
-    return t.detach() if t.requires_grad else t  # (no alias op when there is nothing to detach)
+    return combine(h, ad.attn_out(layer, out), plan, cfg.gate_grad == "dense")
 
 
 def skipped_attention(layer, r: LayerRouting, h, layout: TokenLayout, cos, sin,
@@ -355,46 +286,22 @@ def skipped_attention(layer, r: LayerRouting, h, layout: TokenLayout, cos, sin,
     if r.ctx.cfg.kv_policy == "routed":
         cache_layer.advance(h.shape[1])
         return
-    ad, shape = r.adapter, r.shape
-    attn, x = getattr(layer, ad.attn), getattr(layer, ad.attn_norm)(h)
-    k = apply_rope(project_heads(getattr(attn, ad.k_proj), x, shape.kv_heads, shape.head_dim), cos, sin)
-    v = project_heads(getattr(attn, ad.v_proj), x, shape.kv_heads, shape.head_dim)
-    cache_layer.append(_detached(k), _detached(v), layout.positions, layout.valid, new_tokens=h.shape[1],
-                       all_kept=layout.all_valid)
-
-
-def resolve_backend(backend: str, compacted: bool, q: torch.Tensor, window: Optional[int] = None,
-                    has_cache: bool = False, static_queries: bool = True) -> str:
-    """The back end of this call: attention.choose_backend (every rule lives there) on q's device and dtype.
-    (flash-attn is looked up only for CUDA tensors: no per-layer package lookup on the CPU path.)"""
-    return choose_backend(backend, q.device.type, q.dtype, compacted, window, has_cache, static_queries,
-                          q.is_cuda and flash_attn_available(), flex_attention_available())
-
-
-def run_attention(backend, q, k, v, q_pos, k_pos, k_valid, r: LayerRouting, compacted: bool, q_real,
-                  open_keys: bool = False, prefix_keys: bool = False):
-    """backend: resolved (resolve_backend). open_keys: every query may attend every key (no mask needed).
-    prefix_keys: the keys are positions 0..K-1, all valid (then k_pos and k_valid say nothing more)."""
-    if backend == "flash" and compacted:  # (choose_backend picks flash only for compacted, unwindowed calls)
-        return flash_varlen_attention(q, k, v, q_real, k_valid, r.scale)
-    if backend == "flex":  # block masks shared through the per-forward dict (position_block_mask)
-        return flex_attention_call(q, k, v, q_pos, k_pos, k_valid, r.window, r.scale, r.ctx.layouts)
-    if prefix_keys:
-        return sdpa_prefix_attention(q, k, v, q_pos, r.window, r.scale)
-    if open_keys:
-        return sdpa_unmasked(q, k, v, r.scale)
-    return sdpa_attention(q, k, v, q_pos, k_pos, k_valid, r.window, r.scale)
+    ad = r.adapter
+    k, v = ad.kv(getattr(layer, ad.attn), getattr(layer, ad.attn_norm)(h), r.shape)
+    cache_layer.append(detached(ad.rope(k, cos, sin)), detached(v), layout.positions, layout.valid,
+                       new_tokens=h.shape[1], all_kept=layout.all_valid)
 
 
 def mlp_sublayer(layer, r: LayerRouting, h, plan: Plan, h_is_scratch: bool) -> torch.Tensor:
     """h_is_scratch: h is this block's own post-attention tensor, used by nothing after the MLP, so without
     autograd the MLP output can be added into it in place."""
-    ad = r.adapter
-    mlp, norm = getattr(layer, ad.mlp), getattr(layer, ad.mlp_norm)
     if plan.empty:
         return h
     x = h if plan.idx is None else gather_tokens(h, plan.idx)
-    return combine(h, mlp(norm(x)), plan, r.ctx.cfg.gate_grad == "dense", h_is_scratch=h_is_scratch)
+    if r.adapter.moe_router is not None:  # which rows reached the experts (for the aux loss): see moe.py
+        record_moe_rows(r.ctx, r.layer_idx, plan)
+    return combine(h, r.adapter.mlp_forward(layer, x), plan, r.ctx.cfg.gate_grad == "dense",
+                   h_is_scratch=h_is_scratch)
 
 
 def combine(h, out, plan: Plan, dense_grad: bool, h_is_scratch: bool = False) -> torch.Tensor:
@@ -426,23 +333,12 @@ def combine(h, out, plan: Plan, dense_grad: bool, h_is_scratch: bool = False) ->
         rows = out.reshape(-1, dim)
         buffer = spare_row_buffer(h)
         if buffer is not None:  # padding slots add into the spare row: no masking pass over the rows
-            buffer.index_add_(0, _row_or_spare(plan.idx, used, seq_len), rows)
+            buffer.index_add_(0, row_or_spare(plan.idx, used, seq_len), rows)
         else:
             rows = torch.where(used.reshape(-1, 1), rows, torch.zeros((), dtype=out.dtype, device=out.device))
-            h.view(batch * seq_len, dim).index_add_(0, _flat_index(plan.idx, seq_len), rows)
+            h.view(batch * seq_len, dim).index_add_(0, flat_index(plan.idx, seq_len), rows)
         return h
     return scatter_add_tokens(h, plan.idx, out, used)
-
-
-def spare_row_buffer(h: torch.Tensor) -> Optional[torch.Tensor]:
-    """The (B*S + 1, d) buffer whose first B*S rows are h, when h came from scatter_add_tokens (its last row is
-    scratch), else None. Only asked for a tensor this block made itself (h_is_scratch)."""
-    base = h._base
-    batch, seq_len, dim = h.shape
-    if base is None or base.shape != (batch * seq_len + 1, dim) or base.data_ptr() != h.data_ptr() \
-            or not base.is_contiguous():
-        return None
-    return base
 
 
 def block_stats(valid, count, attn_plan: Plan, mlp_plan: Plan) -> dict:

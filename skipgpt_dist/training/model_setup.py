@@ -11,6 +11,7 @@ from ..assets import resolve_model_path
 from ..checkpoint import ROUTERS_FILE, find_checkpoint
 from ..errors import SkipGPTError
 from ..routing import RouterConfig, attach_routers, load_routers, routing_context
+from ..routing.adapters import adapter_for
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
@@ -135,16 +136,28 @@ def prepare_model(model, cfg, routers_file: Path | None = None):
 
 
 def apply_lora(model, lora_cfg):
+    """LoRA on the configured target modules, their names translated to the model's family by its adapter (the
+    defaults are Llama's: Phi-3 fuses q/k/v into qkv_proj and gate/up into gate_up_proj; Mixtral's experts are
+    fused 3-D parameters peft cannot wrap as Linear, so its MLP names drop and LoRA adapts attention only)."""
     from peft import LoraConfig, get_peft_model
 
+    asked = list(lora_cfg.target_modules)
+    adapter = adapter_for(model)
+    targets = adapter.lora_targets(asked)
+    if not targets:
+        raise _no_lora_target(asked, adapter, "none of them exists in this family")
     config = LoraConfig(r=lora_cfg.r, lora_alpha=lora_cfg.alpha, lora_dropout=lora_cfg.dropout,
-                        target_modules=list(lora_cfg.target_modules), task_type="CAUSAL_LM")
+                        target_modules=targets, task_type="CAUSAL_LM")
     try:
         return get_peft_model(model, config)
     except ValueError as err:
-        raise SkipGPTError(f"stage.lora.target_modules={list(lora_cfg.target_modules)} match no layer of this "
-                           f"model ({str(err).splitlines()[0][:120]}): use names such as q_proj, v_proj, "
-                           "gate_proj") from err
+        raise _no_lora_target(asked, adapter, str(err).splitlines()[0][:120]) from err
+
+
+def _no_lora_target(asked: list[str], adapter, why: str) -> SkipGPTError:
+    names = ", ".join(adapter.lora_targets(("q_proj", "v_proj", "gate_proj")))  # the defaults, in this family
+    return SkipGPTError(f"stage.lora.target_modules={asked} match no layer of this {adapter.family} model ({why}): "
+                        f"use names such as {names}")
 
 
 def build_model(cfg, load_base=None):
