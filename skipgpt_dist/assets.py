@@ -21,11 +21,13 @@ The cache itself: asset_cache.py; the general-English corpus: general_corpus.py 
 from __future__ import annotations
 
 import glob
+import importlib.util  # noqa: F401  (package_dir's find_spec; tests patch it as assets.importlib.util)
 import os
 import time
 
 from .asset_cache import file_lock as _file_lock  # noqa: F401  (the old private names: tests use them)
-from .asset_cache import cache_dir, log_progress as _log, package_dir as _package_dir, prepared as _prepared  # noqa: F401
+from .asset_cache import cache_dir  # noqa: F401  (config.py imports it from here)
+from .asset_cache import log_progress as _log, package_dir as _package_dir, prepared as _prepared
 from .errors import SkipGPTError
 from .general_corpus import (GENERAL_DOC_CHARS, GENERAL_EVAL, GENERAL_EVAL_SOURCES, GENERAL_TRAIN,  # noqa: F401
                              NLP_CORPUS, NLP_CORPUS_SHA256, NLP_CORPUS_TARBALL, general_dir, general_files,
