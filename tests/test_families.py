@@ -27,7 +27,7 @@ import pytest
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from dist_helpers import REPO, child_env, launch_cmd, write_text_files, zero3_all_sharded  # noqa: E402
+from dist_helpers import HELD_RE, REPO, child_env, launch_cmd, write_text_files, zero3_all_sharded  # noqa: E402
 from routing_models import FAMILIES, batch, build, scramble_routers  # noqa: E402
 from test_routing import logits_on_real, train_step_grads  # noqa: E402
 
@@ -88,16 +88,28 @@ def test_tiny_configs_exercise_their_family_features(feature):
 @pytest.mark.parametrize("policy", POLICIES)
 @pytest.mark.parametrize("family", NAMES)
 def test_routing_disabled_is_the_plain_model(family, policy):
+    """Routing disabled, and routers that execute every token (mask; capacity with static slots, so the gathered
+    path runs), compute the family's own Hugging Face forward: the adapter's math against HF's."""
     torch.manual_seed(0)  # build() seeds alike: the same weights
     plain = FAMILIES[family]().float().eval()
     routed = build(family, mode="capacity", capacity=1.0, kv_policy=policy, skip_shift=0.5)
+    dense = {mode: build(family, mode=mode, capacity=1.0, kv_policy=policy, inference_slots="static")
+             for mode in ("mask", "capacity")}
+    for model in dense.values():
+        with torch.no_grad():
+            for name, param in model.named_parameters():
+                if "skipgpt_" in name:  # execute logit 50, skip logit -50
+                    param.copy_(torch.tensor([50.0, -50.0]) if name.endswith("net.bias") else torch.zeros_like(param))
     with torch.no_grad():
         for padding in PADDINGS:
             ids, mask = batch(seed=1, padding=padding)
             want = logits_on_real(plain, ids, mask)
             with routing_disabled(routed):
-                dense = logits_on_real(routed, ids, mask)
-            torch.testing.assert_close(dense, want, atol=1e-5, rtol=1e-5)
+                torch.testing.assert_close(logits_on_real(routed, ids, mask), want, atol=1e-5, rtol=1e-5)
+            for mode, model in dense.items():
+                torch.testing.assert_close(logits_on_real(model, ids, mask), want, atol=1e-5, rtol=1e-5,
+                                           msg=lambda m, mode=mode: f"{mode}: {m}")
+                assert routing_stats(model)["sparsity"] == 0.0
             assert (logits_on_real(routed, ids, mask) - want).abs().max() > 1e-3, "routing must change the output"
 
 
@@ -185,6 +197,17 @@ def train_files(tmp_path_factory) -> list[str]:
     return write_text_files(tmp_path_factory.mktemp("family_text"), shakespeare_files("train"), chars=6000, count=2)
 
 
+@pytest.fixture(scope="module", autouse=True)
+def start_subprocesses_first(request):
+    """The selected tests' subprocess work (the torchrun launches, the Qwen3 pipeline) starts with the module and
+    runs beside the in-memory tests, which use one thread, instead of after them."""
+    selected = {name for item in request.session.items if item.module is request.module
+                for name in item.fixturenames}
+    for fixture in ("dist_launches", "qwen3_pipeline"):
+        if fixture in selected:
+            request.getfixturevalue(fixture)
+
+
 # ---------------------------------------------------------------- distributed == one process (2 ranks, real launches)
 
 DIST_STEPS = 2
@@ -223,16 +246,27 @@ def worker(spec: str) -> int:
     return exit_process(0)
 
 
+def start(cmd: list[str]) -> subprocess.Popen:
+    return subprocess.Popen(cmd, cwd=REPO, env=child_env({"PYTHONPATH": str(REPO)}), stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+
+
+def finish(proc: subprocess.Popen, what: str) -> str:
+    output = proc.communicate(timeout=600)[0]
+    assert proc.returncode == 0, f"{what} failed:\n{output[-4000:]}"
+    return output
+
+
 @pytest.fixture(scope="module")
-def dist_runs(family_dirs, train_files, tmp_path_factory):
-    """backend -> {family/policy: run folder} for one process (micro-batch 4, here) and 2 ranks (micro-batch 2)."""
+def dist_launches(family_dirs, train_files, tmp_path_factory):
+    """Starts the ZeRO-3 and FSDP2 launches (2 ranks, micro-batch 2); -> (root, runs per backend, processes).
+    Each family once per launch, the KV policy alternating down the list so both policies reach both back ends
+    (the policies' semantics per family are the in-memory tests' part; a run costs ~1.5 s of CPU under ZeRO-3)."""
     root = tmp_path_factory.mktemp("family_dist")
     ds_config = zero3_all_sharded(root)
     extra = {"none": ["optim.micro_batch_size=4"],
              "zero3": ["optim.micro_batch_size=2", "parallel.backend=deepspeed", f"parallel.ds_config={ds_config}"],
              "fsdp2": ["optim.micro_batch_size=2", "parallel.backend=fsdp2"]}
-    # Each family once per launch, the KV policy alternating down the list so both policies reach both back ends
-    # (the policies' semantics per family are the in-memory tests' part; a run costs ~1.5 s of CPU under ZeRO-3).
     plan = {family: POLICIES[i % 2] for i, family in enumerate(NAMES)}
     runs = {backend: {f"{family}/{policy}": dist_overrides(family_dirs[family], root / backend / family / policy,
                                                            train_files, policy) + more
@@ -242,14 +276,21 @@ def dist_runs(family_dirs, train_files, tmp_path_factory):
     for backend in ("zero3", "fsdp2"):
         spec = root / f"{backend}.json"
         spec.write_text(json.dumps(runs[backend]))
-        cmd = launch_cmd("torchrun", 2)[:-1] + [str(Path(__file__).resolve()), "--worker", str(spec)]
-        launches[backend] = subprocess.Popen(cmd, cwd=REPO, env=child_env({"PYTHONPATH": str(REPO)}),
-                                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        launches[backend] = start(launch_cmd("torchrun", 2)[:-1] + [__file__, "--worker", str(spec)])
+    yield root, runs, launches
+    for proc in launches.values():
+        if proc.poll() is None:  # (the tests that wait for it did not run)
+            proc.kill()
+            proc.communicate()
+
+
+@pytest.fixture(scope="module")
+def dist_runs(dist_launches):
+    """backend -> {family/policy: run folder} for one process (micro-batch 4, run here) and the two launches."""
+    root, runs, launches = dist_launches
     run_families(runs["none"])  # the reference, while the launches run
-    outputs = {backend: proc.communicate(timeout=600)[0] for backend, proc in launches.items()}
-    for backend, proc in launches.items():
-        assert proc.returncode == 0, f"{backend} launch failed:\n{outputs[backend][-4000:]}"
-    return {backend: {name: root / backend / name for name in runs["none"]} for backend in extra}, outputs
+    outputs = {backend: finish(proc, f"the {backend} launch") for backend, proc in launches.items()}
+    return {backend: {name: root / backend / name for name in runs["none"]} for backend in runs}, outputs
 
 
 def run_result(run_dir: Path) -> tuple[list[dict], dict]:
@@ -279,11 +320,15 @@ def test_two_ranks_equal_one_process_for_every_family(backend, dist_runs):
             assert want_rows[1]["loss"] != want_rows[0]["loss"] and want_rows[0]["grad_norm"] > 0
             assert got_routers.keys() == want_routers.keys()
             for key in want_routers:
-                torch.testing.assert_close(got_routers[key], want_routers[key], atol=1e-5, rtol=0, msg=key)
+                torch.testing.assert_close(got_routers[key], want_routers[key], atol=1e-5, rtol=0,
+                                           msg=lambda m, key=key: f"{key}: {m}")
         except (AssertionError, pytest.fail.Exception) as err:
             failures.append(f"{name}: {str(err).strip().splitlines()[0][:300]}")
     assert not failures, "\n".join(failures)
-    assert f"{'deepspeed' if backend == 'zero3' else 'fsdp2'} holds" in outputs[backend]
+    # every family's model really sharded: each rank's "holds N of M parameter elements" line, about half
+    held = [(int(m.group(4)), int(m.group(5))) for m in HELD_RE.finditer(outputs[backend])]
+    assert len(held) == 2 * len(folders["none"]), outputs[backend][-3000:]
+    assert all(mine <= total / 2 * 1.05 + 64 for mine, total in held), held
 
 
 # ---------------------------------------------------------------- merge / export round trip
@@ -372,28 +417,36 @@ runpy.run_path("tools/merge_lora.py", run_name="__main__")
 """
 
 
-def test_qwen3_through_stage1_stage2_merge_and_generate(family_dirs, train_files, tmp_path):
-    """train.py stage 1 (routers, real skipping) -> stage 2 (LoRA) -> tools/merge_lora.py, in one subprocess (one
-    interpreter start), then the export generates: the same greedy tokens as the unmerged stage-2 checkpoint, with
-    real skipping, and loads as a plain dense Qwen3."""
+@pytest.fixture(scope="module")
+def qwen3_pipeline(family_dirs, train_files, tmp_path_factory):
+    """Starts train.py stage 1 (routers, real skipping) -> stage 2 (LoRA) -> tools/merge_lora.py on the tiny Qwen3,
+    in one subprocess (one interpreter start); -> (run root, process)."""
+    root = tmp_path_factory.mktemp("qwen3_pipeline")
+    common = [f"model.path={family_dirs['qwen3']}", "data.seq_len=32", "logging.progress=false", "eval.at_end=false",
+              "data.eval_files=[]", "checkpoint.every_steps=0", "optim.warmup_steps=0", "optim.micro_batch_size=4",
+              f"data.train_files={json.dumps(train_files)}"]
+    stage1 = ["--config", "configs/tiny.yaml", f"run_dir={root / 's1'}", "optim.max_steps=4", "optim.lr=0.1",
+              "routers.init_margin=0.5", *common]
+    stage2 = ["--config", "configs/tiny_stage2.yaml", f"run_dir={root / 's2'}", f"stage.init_from={root / 's1'}",
+              "optim.max_steps=2", "optim.lr=3e-2", "stage.lora.r=4", "stage.lora.alpha=8", *common]
+    merge = ["--checkpoint", str(root / "s2"), "--out", str(root / "export")]
+    proc = start([sys.executable, "-c", PIPELINE.format(argvs=(stage1, stage2, merge))])
+    yield root, proc
+    if proc.poll() is None:
+        proc.kill()
+        proc.communicate()
+
+
+def test_qwen3_through_stage1_stage2_merge_and_generate(qwen3_pipeline):
+    """The pipeline's export generates: the same greedy tokens as the unmerged stage-2 checkpoint, with real
+    skipping, and loads as a plain dense Qwen3."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from skipgpt_dist.inference import load_routed_model
 
-    model_dir, out = family_dirs["qwen3"], tmp_path / "export"
-    common = [f"model.path={model_dir}", "data.seq_len=32", "logging.progress=false", "eval.at_end=false",
-              "data.eval_files=[]", "checkpoint.every_steps=0", "optim.warmup_steps=0", "optim.micro_batch_size=4",
-              f"data.train_files={json.dumps(train_files)}"]
-    stage1 = ["--config", "configs/tiny.yaml", f"run_dir={tmp_path / 's1'}", "optim.max_steps=4", "optim.lr=0.1",
-              "routers.init_margin=0.5", *common]
-    stage2 = ["--config", "configs/tiny_stage2.yaml", f"run_dir={tmp_path / 's2'}",
-              f"stage.init_from={tmp_path / 's1'}", "optim.max_steps=2", "optim.lr=3e-2", "stage.lora.r=4",
-              "stage.lora.alpha=8", *common]
-    merge = ["--checkpoint", str(tmp_path / "s2"), "--out", str(out)]
-    proc = subprocess.run([sys.executable, "-c", PIPELINE.format(argvs=(stage1, stage2, merge))], cwd=REPO,
-                          env=child_env({"PYTHONPATH": str(REPO)}), capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
-
+    root, proc = qwen3_pipeline
+    finish(proc, "train.py stage 1 -> stage 2 -> merge_lora.py")
+    out = root / "export"
     tokenizer = AutoTokenizer.from_pretrained(str(out))
     tokenizer.pad_token = tokenizer.pad_token or tokenizer.eos_token
     prompt = tokenizer(["To be, or not to be", "Now is the winter"], return_tensors="pt", padding=True,
@@ -401,7 +454,7 @@ def test_qwen3_through_stage1_stage2_merge_and_generate(family_dirs, train_files
     kwargs = dict(max_new_tokens=8, do_sample=False, pad_token_id=tokenizer.pad_token_id)
     routed = load_routed_model(out)
     assert type(routed).__name__ == "Qwen3ForCausalLM" and routed.config.skipgpt["stage"] == 2
-    unmerged = load_routed_model(tmp_path / "s2")  # the checkpoint: base + routers + unmerged adapters
+    unmerged = load_routed_model(root / "s2")  # the checkpoint: base + routers + unmerged adapters
     dense = AutoModelForCausalLM.from_pretrained(str(out))
     with torch.no_grad():
         tokens = routed.generate(**prompt, **kwargs)
