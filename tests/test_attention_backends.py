@@ -7,6 +7,7 @@
 - FlexAttention (eager on CPU) == SDPA == the mask-mode reference; its block mask is built from position vectors
   only, once per forward for layers that share queries and keys.
 """
+import functools
 import importlib.machinery
 import itertools
 import sys
@@ -18,8 +19,8 @@ import torch
 import skipgpt_dist.routing.attention as attention
 import skipgpt_dist.routing.attention_spec as spec_mod
 import skipgpt_dist.routing.backend_choice as backend_choice
-from routing_models import batch, build
-from skipgpt_dist import routing_context
+from routing_models import FAMILIES, batch, build
+from skipgpt_dist import RouterConfig, attach_routers, routing_context, routing_disabled
 from skipgpt_dist.routing.attention import (choose_backend, flash_varlen_attention,
                                             flex_attention_call, position_mask_mod, sdpa_attention)
 
@@ -168,6 +169,8 @@ def pretend_cuda_with_flash(monkeypatch):
         return real(requested, "cuda", dtype, compacted, window, has_cache, static_queries, True, flex_ok, softcap)
 
     monkeypatch.setattr(spec_mod, "choose_backend", on_cuda)
+    # specs are cached per call facts: a fresh cache while pretending (none of the real device's choices)
+    monkeypatch.setattr(spec_mod, "_spec", functools.lru_cache(maxsize=None)(spec_mod._spec.__wrapped__))
 
 
 def test_varlen_reference_is_flash_contract_for_compacted_keys(fake_flash):
@@ -353,6 +356,22 @@ def test_softcapped_flex_equals_the_math_path(policy="all"):
         model = build("gemma2", mode="capacity", capacity=1.0, kv_policy=policy, skip_shift=0.5,
                       attn_backend="flex", inference_slots="static")
         got = model(ids, attention_mask=mask).logits[mask.bool()]
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("padding", ["none", "left"])
+def test_softcapped_blocked_cpu_paths_equal_plain_hf(monkeypatch, padding):
+    """Gemma 2 through the CPU blocked paths with the soft-capping kernel (4-row blocks cut through its window 5
+    and the padding; without padding the prefix path): routing disabled == the plain HF model (eager, capping)."""
+    monkeypatch.setattr(attention, "SDPA_QUERY_BLOCK", 4)
+    ids, mask = batch(seed=7, padding=padding, batch_size=2, seq_len=23)
+    torch.manual_seed(0)
+    model = FAMILIES["gemma2"]().float().eval()
+    with torch.no_grad():
+        want = model(ids, attention_mask=mask).logits[mask.bool()]
+        attach_routers(model, RouterConfig(mode="capacity"))
+        with routing_disabled(model):
+            got = model(ids, attention_mask=mask).logits[mask.bool()]
     torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
 
 

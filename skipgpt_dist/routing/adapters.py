@@ -147,7 +147,8 @@ class FamilyAdapter:
     def kv(self, attn: nn.Module, x: torch.Tensor, shape: AttentionShape) -> tuple[torch.Tensor, torch.Tensor]:
         if self.qkv_proj is not None:
             return self.qkv(attn, x, shape)[1:]
-        k = _heads(getattr(attn, self.k_proj)(x), shape.kv_heads, shape.head_dim, attn.k_norm if self.qk_norm else None)
+        k_norm = attn.k_norm if self.qk_norm else None
+        k = _heads(getattr(attn, self.k_proj)(x), shape.kv_heads, shape.head_dim, k_norm)
         return k, _heads(getattr(attn, self.v_proj)(x), shape.kv_heads, shape.head_dim)
 
     rope = staticmethod(apply_rope)

@@ -14,8 +14,9 @@ exact form of that back end. Building a spec costs no tensor op and no host read
 """
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
-from typing import Optional
+from typing import NamedTuple, Optional
 
 import torch
 
@@ -39,19 +40,27 @@ def attention_spec(requested: str, q: torch.Tensor, window: Optional[int], scale
                    open_keys: bool) -> AttentionSpec:
     """The spec of one call. requested: routers.attn_backend. compacted: kv_policy=routed with slots. prefix: the
     keys are positions 0..K-1, all valid. open_keys: every query may attend every key (KeySet.open_keys).
-    static_queries: the query count is static (S or the k slots), not a dynamic-slot count.
+    static_queries: the query count is static (S or the k slots), not a data-dependent dynamic-slot count.
     (flash-attn is looked up only for CUDA tensors: no per-layer package lookup on the CPU path.)"""
-    backend = choose_backend(requested, q.device.type, q.dtype, compacted, window, has_cache, static_queries,
-                             q.is_cuda and flash_attn_available(), flex_attention_available(), softcap)
+    return _spec(requested, q.device.type, q.dtype, window, scale, softcap, compacted, has_cache, static_queries,
+                 prefix, open_keys, q.is_cuda and flash_attn_available(), flex_attention_available())
+
+
+@functools.lru_cache(maxsize=4096)
+def _spec(requested, device_type, dtype, window, scale, softcap, compacted, has_cache, static_queries, prefix,
+          open_keys, flash_ok, flex_ok) -> AttentionSpec:
+    # A pure function of a few distinct values per layer: cached, so a call costs one lookup, not the chooser's
+    # work and a dataclass build (at batch-1 decode that is per layer and token).
+    backend = choose_backend(requested, device_type, dtype, compacted, window, has_cache, static_queries, flash_ok,
+                             flex_ok, softcap)
     keys = PREFIX if prefix else CACHED if open_keys else COMPACTED if compacted else GENERAL
     return AttentionSpec(backend, keys, window, scale, softcap)
 
 
-@dataclass(frozen=True)
-class KeySet:
+class KeySet(NamedTuple):
     """The keys and values a call attends (cached ones first), with their positions (B, K) and flags (B, K).
     From a cache, positions and flags are fetched only when a back end reads them (a contiguous cache builds them
-    on demand)."""
+    on demand). (A NamedTuple: built per call, it must cost next to nothing.)"""
 
     keys: torch.Tensor
     values: torch.Tensor

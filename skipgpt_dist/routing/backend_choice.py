@@ -56,8 +56,9 @@ class CallFacts:
 def serves(name: str, call: CallFacts) -> bool:
     """Back end `name` computes this call exactly (availability aside)."""
     s = BACKENDS[name]
-    return ((s.devices is None or call.device_type in s.devices) and (call.half or not s.half_only) and (call.compacted or not s.compacted_only)
-            and (call.window is None or s.windows) and (call.softcap is None or s.softcap))
+    return ((s.devices is None or call.device_type in s.devices) and (call.half or not s.half_only)
+            and (call.compacted or not s.compacted_only) and (call.window is None or s.windows)
+            and (call.softcap is None or s.softcap))
 
 
 def _auto_picks(name: str, call: CallFacts) -> bool:
