@@ -15,6 +15,7 @@ from .node_launcher import (PREEMPTED_EXIT_CODE, TRAIN_PY, log, node_environment
 from .preflight import load_run_config, preflight
 
 
+@dataclass
 class NodeTask:
     """What a submitit job runs on each of its nodes: one launcher (torchrun agent) for that node's ranks.
     On exit code 75 (stopped with a checkpoint on the job's USR1) node 0 requeues the job, like slurm/common.sh."""
