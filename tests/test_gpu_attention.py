@@ -158,3 +158,34 @@ def test_capacity_equals_mask_in_bf16_on_every_backend(family, window, policy, m
             flash = policy == "routed" and window is None and flash_attn_available()
             assert set(ran) == {"flash_varlen_attention" if flash else "flex_attention_call"}, ran
         assert "flash_varlen_attention" not in ran or window is None
+
+
+def test_softcapped_gemma2_on_gpu_never_runs_sdpa_and_equals_mask(monkeypatch):
+    """Gemma 2 (attention logit soft-cap, sliding/full layers) in bf16: capacity == mask on auto (flex with the cap
+    as a score_mod for kv_policy=all; math where flex cannot serve) and on an explicit sdpa request (served by
+    math: SDPA would drop the cap); no call ever reaches SDPA or flash."""
+    import skipgpt_dist.routing.attention as attention
+    from transformers import Gemma2Config, Gemma2ForCausalLM
+
+    from skipgpt_dist import RouterConfig, attach_routers
+
+    used = []
+    monkeypatch.setattr(attention.F, "scaled_dot_product_attention", lambda *a, **k: used.append("sdpa"))
+    gen = torch.Generator().manual_seed(3)
+    ids = torch.randint(0, 128, (2, 192), generator=gen).to(DEVICE)
+    mask = torch.ones_like(ids)
+    mask[1, -30:] = 0
+    outs = {}
+    for mode, backend in (("mask", "auto"), ("capacity", "auto"), ("capacity", "sdpa")):
+        torch.manual_seed(0)
+        model = Gemma2ForCausalLM(Gemma2Config(
+            hidden_size=256, intermediate_size=512, num_hidden_layers=2, num_attention_heads=8, num_key_value_heads=2,
+            head_dim=32, vocab_size=128, sliding_window=64, attn_logit_softcapping=2.0, initializer_range=0.2,
+            max_position_embeddings=512)).to(device=DEVICE, dtype=torch.bfloat16).eval()
+        attach_routers(model, RouterConfig(mode=mode, capacity=1.0, attn_backend=backend, inference_slots="static"))
+        _fixed_routers(model, *ids.shape)
+        with torch.no_grad():
+            outs[(mode, backend)] = model(ids, attention_mask=mask, use_cache=False).logits.float()[mask.bool()]
+    assert not used
+    for key in (("capacity", "auto"), ("capacity", "sdpa")):
+        torch.testing.assert_close(outs[key], outs[("mask", "auto")], **BF16_TOL, msg=str(key))
