@@ -15,6 +15,7 @@ from torch import nn
 
 from ..errors import SkipGPTError
 from ..file_names import INDEX_FILE
+from .legacy_weights import legacy_builder
 
 
 def load_base_on_meta(model_dir: str, dtype: str, trust_remote_code: bool):
@@ -157,10 +158,49 @@ def load_into_shards(model: nn.Module, deferred: dict) -> None:
                         local.copy_(full.to(local.device))
                     loaded.add(group)
     missing = [names[0] for i, names in enumerate(deferred["aliases"]) if i not in loaded]
+    missing = _load_legacy_layout(hf_model(model), current, missing, deferred["files"])
     if missing:
         raise SkipGPTError(f"model.path={deferred['dir']}: {len(missing)} weights are not in its safetensors files "
                            f"(e.g. {missing[0]}): the files must use the model's own parameter names, as "
                            "save_pretrained writes them")
+
+
+def _load_legacy_layout(hf: nn.Module, current: dict, missing: list[str], files: list[str]) -> list[str]:
+    """Fill the parameters the files hold in the family's historical layout (legacy_weights); returns the names
+    still missing. Each rank reads only the file tensors (and rows) of its own shard."""
+    from contextlib import ExitStack
+
+    from safetensors import safe_open
+    from torch.distributed.tensor import DTensor, distribute_tensor
+
+    model_type = getattr(getattr(hf, "config", None), "model_type", None)
+    builders = {name: legacy_builder(model_type, name) for name in missing}
+    if not any(builders.values()):
+        return missing
+    with ExitStack() as stack, torch.no_grad():
+        handles = [stack.enter_context(safe_open(path, framework="pt")) for path in files]
+        where = {key: f for f in handles for key in f.keys()}
+
+        def read(key: str, box: tuple) -> torch.Tensor:
+            if key not in where:
+                raise KeyError(key)
+            return where[key].get_slice(key)[box]
+
+        still = []
+        for name, build in builders.items():
+            if build is None:
+                continue
+            param = current[name]
+            local, window = _local_window(param)
+            try:
+                part = build(read, window or tuple(slice(0, n) for n in param.shape)).to(param.dtype)
+            except KeyError:
+                still.append(name)
+                continue
+            if window is None and isinstance(param, DTensor):
+                part = distribute_tensor(part, param.device_mesh, param.placements, src_data_rank=None).to_local()
+            local.copy_(part.to(local.device))
+    return still + [name for name, build in builders.items() if build is None]
 
 
 def _local_window(param) -> tuple[torch.Tensor, tuple[slice, ...] | None]:
