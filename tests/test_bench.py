@@ -158,3 +158,21 @@ def test_generate_on_cuda_quick(tiny_model_dir):
     assert result["device_name"] == torch.cuda.get_device_name() and result["cuda_max_memory_allocated_mib"] > 0
     for v in result["variants"]:
         assert v["prefill_tok_s"] > 0 and v["decode_tok_s"] > 0, v["variant"]
+
+
+def test_compare_trees_tables_each_trees_own_ratios_and_refuses_a_tree_without_the_bench(tmp_path):
+    sys.path.insert(0, str(ROOT))
+    from bench.compare_trees import compare
+
+    def record(ratio):
+        return {"variants": [{"variant": "dense", "forward_ratio": 1.0, "train_ratio": 1.0},
+                             {"variant": "capacity0.75/all", "forward_ratio": ratio, "train_ratio": 2 * ratio}]}
+
+    lines = compare("routed_forward", {"base": [record(0.8), record(1.0)], "new": [record(0.9), record(0.9)]})
+    row = next(line for line in lines if line.startswith("| capacity0.75/all"))
+    # medians: base 0.9 (forward) / 1.8 (train), new 0.9 / 1.8 -> new / base 1.000 for both
+    assert row == "| capacity0.75/all | 0.900 | 0.900 | 1.000 | 1.800 | 1.800 | 1.000 |"
+    proc = subprocess.run([sys.executable, str(ROOT / "bench/compare_trees.py"), "--base", str(tmp_path)],
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2 and proc.stderr.strip().count("\n") == 0
+    assert "has no bench/" in proc.stderr and "git worktree add" in proc.stderr
