@@ -235,9 +235,10 @@ def train_stage(config: str, overrides: list[str], ranks: int) -> dict:
             "tokens": tokens, "run_dir": cfg.run_dir}
 
 
-def eval_other(run_dir: Path, data: str, sequences: int, ranks: int) -> dict:
-    """tools/eval_ppl.py on another held-out set (under torchrun when ranks > 1): its JSON line."""
-    proc = launch("tools/eval_ppl.py", [str(run_dir), "--data", data, "--sequences", str(sequences)], ranks)
+def eval_other(run_dir: Path, data: str, sequences: int) -> dict:
+    """tools/eval_ppl.py on another held-out set, in one process: its JSON line. (Under torchrun it prints the same
+    line, tests/test_distributed_warm_start.py; one process saves a launch per row.)"""
+    proc = launch("tools/eval_ppl.py", [str(run_dir), "--data", data, "--sequences", str(sequences)], 1)
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
@@ -279,7 +280,7 @@ def targets(sparsity: float, split: dict) -> list[str]:
 
 def run_row(method: str, sparsity: float, run: dict, preset: Preset, ranks: int, flops) -> Row:
     e = run["eval"]
-    hamlet = eval_other(Path(run["run_dir"]), HAMLET_EVAL, preset.eval_sequences, ranks)
+    hamlet = eval_other(Path(run["run_dir"]), HAMLET_EVAL, preset.eval_sequences)
     return Row(method, sparsity, e["ppl_routed"], e["attn_sparsity"], e["mlp_sparsity"],
                flops_skipped(e["attn_sparsity"], e["mlp_sparsity"], flops), e["ppl_dense"],
                ppl_hamlet=hamlet["ppl_routed"], train_flops_skipped=training_flops_skipped(Path(run["run_dir"]), flops),

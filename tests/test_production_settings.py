@@ -111,6 +111,7 @@ from safetensors.torch import load_file, save_file
 sys.path.insert(0, os.environ["REPO"])
 from skipgpt_dist.config import load_config
 from skipgpt_dist.training import fsdp2_engine as F
+from skipgpt_dist.training import fsdp2_loading as L  # the meta build and shard loading
 from skipgpt_dist.training.model_setup import build_model
 
 READ = {}  # key -> elements this rank read from the files
@@ -162,14 +163,14 @@ rank, world = dist.get_rank(), dist.get_world_size()
 report = {"rank": rank, "world": world}
 
 # 1. the project's path: meta build, fully_shard, load (tiny Llama)
-model, _, _ = build_model(cfg, load_base=F.load_base_on_meta)
-files = F.weight_files(model_dir)
+model, _, _ = build_model(cfg, load_base=L.load_base_on_meta)
+files = L.weight_files(model_dir)
 model = F.apply_fsdp2(model, cfg)
-F.check_materialized(model)
+L.check_materialized(model)
 full = {}
 for path in files:
     full.update(load_file(path))
-named = dict(F.hf_model(model).named_parameters())
+named = dict(L.hf_model(model).named_parameters())
 report["tiny"] = {}
 for key, tensor in full.items():
     param = named.get(key)
@@ -189,12 +190,12 @@ weights = load_file(os.path.join(out_dir, "odd.safetensors"))
 odd = torch.nn.Module()
 for k, v in weights.items():
     odd.register_parameter(k, torch.nn.Parameter(torch.empty(v.shape, device="meta"), requires_grad=False))
-aliases = F.to_placeholders(odd)
-F.placeholders_to_meta(odd)
+aliases = L.to_placeholders(odd)
+L.placeholders_to_meta(odd)
 from torch.distributed.fsdp import fully_shard
 fully_shard(odd, mesh=F.device_mesh())
-F.materialize(odd, "cpu")
-F.load_into_shards(odd, {"dir": out_dir, "files": [os.path.join(out_dir, "odd.safetensors")], "aliases": aliases})
+L.materialize(odd, "cpu")
+L.load_into_shards(odd, {"dir": out_dir, "files": [os.path.join(out_dir, "odd.safetensors")], "aliases": aliases})
 report["odd"] = {k: {"numel": v.numel(), "rows": v.shape[0], "read": READ.get(k, 0),
                      "local_rows": getattr(odd, k).to_local().shape[0],
                      "same": bool(torch.equal(getattr(odd, k).full_tensor(), v))} for k, v in weights.items()}
@@ -262,13 +263,16 @@ def test_gpu_check_without_cuda_is_a_dry_run_of_commands_that_exist(tmp_path):
         assert ("--compile" in cmd) == name.endswith("_compile"), name
         if "llama2_7b_4l" in name:
             assert cmd[cmd.index("--shape") + 1] == "llama2-7b-4l", name
+    helps = {}
     for name, cmd in planned.items():
         for arg in cmd:
             if arg.endswith((".py", ".json", ".yaml", ".sh")) and "=" not in arg:
                 assert (REPO / arg).is_file(), (name, arg)
         if cmd[1].startswith("bench/"):  # every option the command passes is one the bench has
-            help_text = subprocess.run([sys.executable, cmd[1], "--help"], cwd=REPO, env=env, capture_output=True,
-                                       text=True, timeout=120)
+            if cmd[1] not in helps:  # (one --help per script: each costs a torch import)
+                helps[cmd[1]] = subprocess.run([sys.executable, cmd[1], "--help"], cwd=REPO, env=env,
+                                               capture_output=True, text=True, timeout=120)
+            help_text = helps[cmd[1]]
             assert help_text.returncode == 0, help_text.stderr
             for arg in cmd[2:]:
                 if arg.startswith("--"):
