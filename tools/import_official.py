@@ -427,6 +427,7 @@ def atomic_out(out: Path, force: bool):
     """A temp folder that becomes `out` once complete and flushed (atomic_dir); an earlier import at `out` is
     swapped out only then. On any error `out` is untouched."""
     from skipgpt_dist.export import atomic_dir
+    from skipgpt_dist.export.atomic import replace_path
 
     out = out.absolute()
     check_out(out, force)
@@ -437,15 +438,11 @@ def atomic_out(out: Path, force: bool):
     staging = out.with_name(f".{out.name}.import-{os.getpid()}")
     with atomic_dir(staging) as tmp:
         yield tmp
-    old = out.with_name(f".{out.name}.old-{os.getpid()}")
-    os.rename(out, old)
     try:
-        os.rename(staging, out)
+        replace_path(staging, out)  # (the earlier import is restored if the swap fails)
     except OSError:
-        os.rename(old, out)
         shutil.rmtree(staging, ignore_errors=True)
         raise
-    shutil.rmtree(old, ignore_errors=True)
 
 
 def train_config(args, config, base_dir: Path, out: Path, router_cfg, lora_config):

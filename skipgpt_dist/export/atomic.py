@@ -62,7 +62,7 @@ def atomic_dir(out: Path, force: bool = False, flag: str = "--out") -> Iterator[
         os.chmod(tmp, 0o777 & ~_umask())
         yield tmp
         fsync_tree(tmp)
-        _replace(tmp, out)
+        replace_path(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -92,7 +92,8 @@ def _umask() -> int:
     return mask
 
 
-def _replace(tmp: Path, out: Path) -> None:
+def replace_path(tmp: Path, out: Path) -> None:
+    """Rename tmp to out; an existing out is moved aside first and restored if the rename fails."""
     if out.exists() or out.is_symlink():
         old = out.with_name(f".{out.name}.old-{os.getpid()}")
         os.rename(out, old)
