@@ -71,6 +71,20 @@ def test_calibration_meets_the_target_with_deterministic_gates(method):
     assert skipped == pytest.approx(0.3, abs=0.03)
 
 
+def test_per_layer_rescale_meets_a_target_that_clamps_some_layers():
+    """A high target pushes the most-skipping layers to all of their tokens: the others take up the rest, in their
+    trained proportions, so the rates still average to the target (one rescale then a clamp fell short)."""
+    from skipgpt_dist.routing.calibrate import rescale_to_mean
+
+    rates = torch.tensor([0.9, 0.6, 0.3, 0.0, 0.2], dtype=torch.float64)
+    out = rescale_to_mean(rates, 0.5)
+    assert float(out.mean()) == pytest.approx(0.5, abs=1e-9)
+    assert out[0] == 1.0 and out[3] == 0.0 and float(out[1] / out[2]) == pytest.approx(2.0)
+    assert float((rates * 0.5 / rates.mean()).clamp(max=1.0).mean()) == pytest.approx(0.475)  # the old rule
+    assert rescale_to_mean(rates, 0.2).tolist() == pytest.approx((rates / 2).tolist())  # nothing clamps
+    assert rescale_to_mean(rates, 0.95).tolist() == [1.0, 1.0, 1.0, 0.0, 1.0]  # beyond reach: all that can
+
+
 def test_calibration_keeps_per_layer_rates_and_only_moves_biases():
     model = build("llama_mha", mode="mask", target_sparsity=0.2)
     # distinct tokens: layer 0's routers read token embeddings, and repeated tokens would tie at the threshold
@@ -139,7 +153,7 @@ def test_quality_bench_quick_runs_the_cluster_recipe_end_to_end(quick_bench):
     report = (out / "quality.md").read_text()
     for method in ("dense", "ShortGPT layer drop", "ShortGPT attention drop", "Output-norm oracle (reference)",
                    "SkipGPT stage 1, capacity (recipe)", "SkipGPT stage 1, mask (reference)",
-                   "SkipGPT stage 1 + 2 (calibrated, LoRA)"):
+                   "SkipGPT stage 1, calibrated to the target (served)", "SkipGPT stage 1 + 2 (calibrated, LoRA)"):
         assert method in report
     assert "slurm/configs/stage1_70b.yaml" in report and "2-rank FSDP2" in report
     data = json.loads((out / "quality.json").read_text())
@@ -154,6 +168,16 @@ def test_quality_bench_quick_runs_the_cluster_recipe_end_to_end(quick_bench):
     assert rows["SkipGPT stage 1, capacity (recipe)"]["train_flops_skipped"] > 0.05
     assert rows["SkipGPT stage 1, mask (reference)"]["train_flops_skipped"] == 0.0
     assert rows["SkipGPT stage 1 + 2 (calibrated, LoRA)"]["sparsity"] > 0.3  # calibrated in the job
+    # stage 1 as stage 2 receives it: the calibrated copy, scored in the bench's process as eval_ppl scores it
+    calibrated = rows["SkipGPT stage 1, calibrated to the target (served)"]
+    assert (out / "stage1_capacity_40_calibrated" / "routers.safetensors").is_file()
+    assert calibrated["sparsity"] > 0.3 and calibrated["ppl_hamlet"] > 1
+    line = subprocess.run([sys.executable, str(ROOT / "tools/eval_ppl.py"), str(out / "stage1_capacity_40_calibrated"),
+                           "--data", "builtin:shakespeare-eval", "--sequences", "4", "--mode", "mask"],
+                          capture_output=True, text=True, timeout=300, cwd=ROOT, env=ENV)
+    assert line.returncode == 0, line.stderr[-2000:]
+    assert json.loads(line.stdout.strip().splitlines()[-1])["ppl_routed"] == pytest.approx(calibrated["ppl_hamlet"],
+                                                                                          rel=1e-6)
     for name in ("stage1_capacity_40", "stage1_mask_40", "stage2_40"):
         config = (out / name / "config.yaml").read_text()
         assert "backend: fsdp2" in config, name  # the distributed path ran
