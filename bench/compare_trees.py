@@ -58,9 +58,10 @@ def run_bench(tree: Path, bench: str, extra: list[str]) -> dict:
 
 def compare(bench: str, runs: dict[str, list[dict]]) -> list[str]:
     _, metrics = BENCHES[bench]
+    # noise: the largest max / min - 1 of one tree's own rounds, so a new / base further from 1 than it is a change
     lines = [f"\n## {bench}: median over {len(runs['new'])} round(s) per tree",
-             "| variant | " + " | ".join(f"{m} base | {m} new | new / base" for m in metrics) + " |",
-             "| --- |" + " ---: | ---: | ---: |" * len(metrics)]
+             "| variant | " + " | ".join(f"{m} base | {m} new | new / base | noise" for m in metrics) + " |",
+             "| --- |" + " ---: | ---: | ---: | ---: |" * len(metrics)]
     variants = [row["variant"] for row in runs["new"][0]["variants"]]
     for name in variants:
         cells = []
@@ -68,10 +69,11 @@ def compare(bench: str, runs: dict[str, list[dict]]) -> list[str]:
             values = {tree: [row[metric] for rec in recs for row in rec["variants"]
                              if row["variant"] == name and metric in row] for tree, recs in runs.items()}
             if not values["base"] or not values["new"]:
-                cells.append("- | - | -")
+                cells.append("- | - | - | -")
                 continue
             base, new = statistics.median(values["base"]), statistics.median(values["new"])
-            cells.append(f"{base:.3f} | {new:.3f} | {new / base:.3f}")
+            noise = max(max(v) / min(v) for v in values.values()) - 1
+            cells.append(f"{base:.3f} | {new:.3f} | {new / base:.3f} | {noise:.1%}")
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     return lines
 
