@@ -338,14 +338,22 @@ def test_eval_ppl_rejects_arguments_that_cannot_score(trained, args, needle):
 # ---------------------------------------------------------------- two ranks agree to skip
 
 
+@pytest.fixture(scope="module")
+def nan_reference(tiny_model_dir, files, tmp_path_factory):
+    """One process with a NaN loss at step 2 (the run every back end's two ranks must equal): (overrides, run)."""
+    run_dir = tmp_path_factory.mktemp("nan_ref")
+    common = overrides(tiny_model_dir, files, run_dir, "optim.max_steps=4", "optim.grad_accum_steps=2",
+                       "routers.mode=capacity", "routers.capacity=1.0", "seed=3", "eval.at_end=false")[2:]
+    ref = train(run_dir, common + ["optim.micro_batch_size=4"], launcher="python", nproc=1, config=TINY,
+                env={"SKIPGPT_FAULT": "nan_loss@2"})
+    return common, ref
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("backend", ["zero2", "zero3", "fsdp2"])
-def test_nan_on_one_rank_is_skipped_by_every_rank(tiny_model_dir, files, tmp_path, backend):
+def test_nan_on_one_rank_is_skipped_by_every_rank(nan_reference, tmp_path, backend):
     """A NaN loss on rank 1 only: both ranks skip the step, and the run equals one process that skipped it."""
-    common = overrides(tiny_model_dir, files, tmp_path / "ref", "optim.max_steps=4", "optim.grad_accum_steps=2",
-                       "routers.mode=capacity", "routers.capacity=1.0", "seed=3", "eval.at_end=false")[2:]
-    ref = train(tmp_path / "ref", common + ["optim.micro_batch_size=4"], launcher="python", nproc=1,
-                config=TINY, env={"SKIPGPT_FAULT": "nan_loss@2"})
+    common, ref = nan_reference
     extra = {"zero2": dict(ds_config=REPO / "ds_configs" / "zero2.json", launcher="deepspeed"),
              "zero3": dict(ds_config=zero3_all_sharded(tmp_path)), "fsdp2": {}}[backend]
     per_rank = common + ["optim.micro_batch_size=2"] + (["parallel.backend=fsdp2"] if backend == "fsdp2" else [])
