@@ -32,7 +32,7 @@ from skipgpt_dist.training.loop import PREEMPTED_EXIT_CODE
 REPO = Path(__file__).resolve().parents[1]
 CLUSTER_SCRIPTS = REPO / "tests" / "slurm"
 PYTHON = sys.executable
-MAX_STEPS = 30          # the preempted run and its uninterrupted reference
+MAX_STEPS = 20          # the preempted run and its uninterrupted reference (checkpoints every 10)
 SIGNAL_AT_STEP = 3      # USR1 once metrics.jsonl has this many steps
 TEST_SBATCH = ["--gpus-per-node", "0", "--oversubscribe", "--time", "10"]  # over the 8-GPU / --exclusive defaults
 FINISHED = launch.FINISHED_STATES
