@@ -105,6 +105,15 @@ def assert_sharded(run, world):
     assert sum(mine for mine, _ in held.values()) >= total
 
 
+def parameter_counts(run) -> tuple[int, int]:
+    """(trainable, total) from the run's log line "N trainable of M parameters" (the first rank's)."""
+    import re
+
+    found = re.search(r"([\d,]+) trainable of ([\d,]+) parameters", run.output)
+    assert found, run.output[-3000:]
+    return int(found.group(1).replace(",", "")), int(found.group(2).replace(",", ""))
+
+
 def final_tensors(run, name):
     from safetensors.torch import load_file
 
@@ -132,6 +141,8 @@ def test_zero2_stage1_deepspeed_launcher_matches_one_process(dist_root, common, 
 def test_zero3_stage1_shards_resumes_and_matches_one_process(zero3_resumed, ref_stage1):
     first, resumed = zero3_resumed
     assert_sharded(first, 2)
+    # the log counts the whole model, not the rank's partitions (ZeRO-3 leaves numel() 0 on every rank)
+    assert parameter_counts(first) == parameter_counts(ref_stage1) and parameter_counts(first)[0] > 0
     assert "resumed from" in resumed.output
     assert_same_trajectory(resumed, ref_stage1)  # steps 1-2 before the stop, 3-4 after the resume
     assert_same_tensors(final_tensors(resumed, "routers.safetensors"),
@@ -142,6 +153,7 @@ def test_fsdp2_stage1_two_ranks_then_resumed_on_one(dist_root, common, ref_stage
     run_dir = dist_root / "f2"
     first = ok(train(run_dir, common + PER_RANK + ["optim.stop_at_step=2", "parallel.backend=fsdp2"]))
     assert_sharded(first, 2)
+    assert parameter_counts(first) == parameter_counts(ref_stage1)
     assert (sorted((run_dir / "checkpoints").glob("step_*"))[-1] / "dcp" / ".metadata").is_file()
     # The same global batch on one process: micro_batch_size doubles; DCP reshards the 2-rank checkpoint.
     resumed = ok(train(run_dir, common + ONE_PROCESS + ["parallel.backend=fsdp2"], launcher="python", nproc=1))

@@ -17,6 +17,7 @@ from ..checkpoint import CheckpointManager, acquire_run_lock, step_dir_name
 from ..config import save_config
 from ..data import PackedBatches, eval_sequences, pack_files
 from ..errors import SkipGPTError
+from ..file_names import CONFIG_FILE
 from ..routing import routing_context, set_temperature
 from ..routing.api import routing_stats_tensor
 from . import distributed as D
@@ -237,7 +238,7 @@ def run(cfg) -> RunResult:
         step = resume(ckpts, engine, cfg, batches)
         if D.is_main():
             Path(cfg.run_dir).mkdir(parents=True, exist_ok=True)
-            save_config(cfg, Path(cfg.run_dir) / "config.yaml")
+            save_config(cfg, Path(cfg.run_dir) / CONFIG_FILE)
             tokenizer.save_pretrained(Path(cfg.run_dir) / "tokenizer")
         D.barrier()
         # A fresh run shapes its routers on the engine's (sharded) model, on every rank; a resumed one has them,

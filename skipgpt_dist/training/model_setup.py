@@ -184,8 +184,9 @@ def trainable_names(model) -> list[str]:
 
 
 def describe_trainable(model) -> str:
-    total = sum(p.numel() for p in model.parameters())
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    # ZeRO-3 partitions each parameter in place (numel() 0 on every rank) and records its size as ds_numel
+    total = sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters())
+    trainable = sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters() if p.requires_grad)
     return f"{trainable:,} trainable of {total:,} parameters ({100.0 * trainable / max(total, 1):.3f}%)"
 
 

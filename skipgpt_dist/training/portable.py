@@ -27,6 +27,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from ..errors import SkipGPTError
+from ..file_names import DEEPSPEED_DIR, DEEPSPEED_LAYOUT_FILE
 from . import distributed as D
 
 PORTABLE_DIR = "portable"
@@ -190,7 +191,8 @@ def checkpoint_layout(path: Path, state: dict) -> dict:
     layout = {"backend": state.get("backend"), "world_size": state.get("world_size"), "zero_stage": None,
               "global_batch_size": None}
     try:
-        layout["zero_stage"] = json.loads((Path(path) / "deepspeed" / "skipgpt_layout.json").read_text())["zero_stage"]
+        written = json.loads((Path(path) / DEEPSPEED_DIR / DEEPSPEED_LAYOUT_FILE).read_text())
+        layout["zero_stage"] = written["zero_stage"]
     except (OSError, ValueError, KeyError):
         pass
     return layout

@@ -4,6 +4,7 @@ from __future__ import annotations
 from ..checkpoint import ROUTERS_FILE, find_checkpoint
 from ..config import load_config
 from ..errors import SkipGPTError
+from ..file_names import CONFIG_FILE
 from ..routing import attach_routers, load_routers
 from .artifacts import ADAPTER_DIR
 from .model_setup import load_base_model, load_tokenizer, saved_router_config, weights_error
@@ -13,7 +14,7 @@ from ..assets import resolve_model_path
 def load_checkpoint_model(path: str, mode: str | None = None, capacity: float | None = None):
     """(model in eval mode, tokenizer, training config) from a checkpoint folder or a run folder."""
     checkpoint = find_checkpoint(path, key="checkpoint")
-    cfg = load_config(str(checkpoint / "config.yaml"))
+    cfg = load_config(str(checkpoint / CONFIG_FILE))
     routers_file = checkpoint / ROUTERS_FILE
     if not routers_file.is_file():
         raise SkipGPTError(f"checkpoint {checkpoint} has no {ROUTERS_FILE}: it was not written by skipgpt-dist "
