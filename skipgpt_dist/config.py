@@ -2,8 +2,8 @@
 
 Each section is a dataclass that owns its defaults. Types come from the annotations (walked generically with
 `dataclasses.fields` + `typing.get_type_hints`); ranges and choices live in each field's metadata
-(`_num(...)`, `_choice(...)`; the machinery is config_fields.py), so adding a key is one line. Every user mistake
-is a one-line `SkipGPTError` that names the key (`optim.lr`, `routers.capacity`, ...) and the fix.
+(`num_field(...)`, `choice_field(...)`; the machinery is config_fields.py), so adding a key is one line. Every user
+mistake is a one-line `SkipGPTError` that names the key (`optim.lr`, `routers.capacity`, ...) and the fix.
 """
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ from typing import ClassVar, Optional, Sequence
 
 import yaml
 
-from .config_fields import _choice, _from_dict, _list, _num, _section, _Section
+from .config_fields import Section, choice_field, list_field, num_field, section_field, section_from_dict
 from .errors import SkipGPTError, read_user_file
 from .routing.config import RouterConfig
 
@@ -23,32 +23,32 @@ FP32_MAX = 3.4028234663852886e38  # the largest finite float32
 
 
 @dataclass
-class ModelConfig(_Section):
+class ModelConfig(Section):
     _prefix: ClassVar[str] = "model"
     # A Hugging Face model folder, or `builtin:smollm2-135m` / `builtin:tiny` (prepared by skipgpt_dist.assets).
     path: str = "builtin:smollm2-135m"
     # Dtype the base weights are loaded in.
-    dtype: str = _choice("float32", ("float32", "bfloat16"))
+    dtype: str = choice_field("float32", ("float32", "bfloat16"))
     # Pass trust_remote_code to transformers (only for model folders you trust).
     trust_remote_code: bool = False
 
 
 @dataclass
-class DataConfig(_Section):
+class DataConfig(Section):
     _prefix: ClassVar[str] = "data"
     # Training text: local files (.jsonl, .parquet, .txt), `datasets` folders, or `builtin:shakespeare-train`.
-    train_files: list[str] = _list("builtin:shakespeare-train", nonempty=True)
+    train_files: list[str] = list_field("builtin:shakespeare-train", nonempty=True)
     # Held-out text for eval perplexity, same forms as train_files.
-    eval_files: list[str] = _list("builtin:shakespeare-eval")
+    eval_files: list[str] = list_field("builtin:shakespeare-eval")
     # File format; `auto` picks it from each file's extension, and reads a folder holding manifest.json (written by
     # tools/prepare_data.py) as token shards read lazily; `shards` requires train_files to be such a folder.
-    format: str = _choice("auto", ("auto", "jsonl", "parquet", "text", "dataset", "shards"))
+    format: str = choice_field("auto", ("auto", "jsonl", "parquet", "text", "dataset", "shards"))
     # Field holding the text in jsonl / parquet / dataset records.
     text_field: str = "text"
     # Tokens per packed training sequence.
-    seq_len: int = _num(512, ge=2)
+    seq_len: int = num_field(512, ge=2)
     # Number of packed held-out sequences used for eval perplexity.
-    eval_sequences: int = _num(16, ge=1)
+    eval_sequences: int = num_field(16, ge=1)
     # Seed of the data order; null -> the top-level `seed`.
     shuffle_seed: Optional[int] = None
     # Raw files only: tokenise them into token shards under run_dir/data_cache first (local rank 0 of each node;
@@ -58,32 +58,32 @@ class DataConfig(_Section):
 
 
 @dataclass
-class OptimConfig(_Section):
+class OptimConfig(Section):
     _prefix: ClassVar[str] = "optim"
     # Peak learning rate (AdamW).
-    lr: float = _num(1e-3, gt=0)
-    weight_decay: float = _num(0.0, ge=0)
+    lr: float = num_field(1e-3, gt=0)
+    weight_decay: float = num_field(0.0, ge=0)
     # AdamW (beta1, beta2), each in [0, 1).
     betas: tuple[float, float] = (0.9, 0.95)
-    eps: float = _num(1e-8, gt=0)
+    eps: float = num_field(1e-8, gt=0)
     # `cosine`: linear warmup then cosine decay to lr * min_lr_ratio; `constant`: warmup then flat.
-    schedule: str = _choice("cosine", ("cosine", "constant"))
-    warmup_steps: int = _num(10, ge=0)
-    min_lr_ratio: float = _num(0.1, ge=0, le=1)
+    schedule: str = choice_field("cosine", ("cosine", "constant"))
+    warmup_steps: int = num_field(10, ge=0)
+    min_lr_ratio: float = num_field(0.1, ge=0, le=1)
     # Number of optimiser steps in this stage.
-    max_steps: int = _num(100, ge=1)
+    max_steps: int = num_field(100, ge=1)
     # Sequences per forward pass, per rank.
-    micro_batch_size: int = _num(4, ge=1)
+    micro_batch_size: int = num_field(4, ge=1)
     # Micro-batches accumulated per optimiser step.
-    grad_accum_steps: int = _num(1, ge=1)
+    grad_accum_steps: int = num_field(1, ge=1)
     # Max global gradient norm; 0 disables clipping.
-    grad_clip: float = _num(1.0, ge=0)
+    grad_clip: float = num_field(1.0, ge=0)
     # End this run at this step with a checkpoint, although the schedules span max_steps (for time-boxed jobs;
     # the next run resumes from it). null = run to max_steps.
-    stop_at_step: Optional[int] = _num(None, ge=1)
+    stop_at_step: Optional[int] = num_field(None, ge=1)
     # A step whose loss or gradient norm is not finite (on any rank) is skipped: no update, optimiser state
     # untouched, the LR schedule still advances. This many skipped steps in a row end the run with an error.
-    max_bad_steps: int = _num(5, ge=1)
+    max_bad_steps: int = num_field(5, ge=1)
 
     def validate(self):
         super().validate()
@@ -99,38 +99,38 @@ class OptimConfig(_Section):
 
 
 @dataclass
-class LoraConfig(_Section):
+class LoraConfig(Section):
     _prefix: ClassVar[str] = "stage.lora"
     # LoRA rank.
-    r: int = _num(16, ge=1)
+    r: int = num_field(16, ge=1)
     # LoRA scaling numerator (scale = alpha / r).
-    alpha: int = _num(32, ge=1)
-    dropout: float = _num(0.1, ge=0, lt=1)
+    alpha: int = num_field(32, ge=1)
+    dropout: float = num_field(0.1, ge=0, lt=1)
     # Linear submodules (by name) of each decoder layer that get adapters.
-    target_modules: list[str] = _list("q_proj", "v_proj", "gate_proj", nonempty=True)
+    target_modules: list[str] = list_field("q_proj", "v_proj", "gate_proj", nonempty=True)
 
 
 @dataclass
-class CalibrateConfig(_Section):
+class CalibrateConfig(Section):
     _prefix: ClassVar[str] = "stage.calibrate"
     # Stage 2, fresh runs: before LoRA trains, shift the loaded stage-1 routers' biases so that deterministic gates
     # skip as training did (routing/calibrate.py; what tools/calibrate_routers.py does), on every rank.
     enabled: bool = False
     # Overall target skip rate; null = the routers' own target(s).
-    sparsity: Optional[float] = _num(None, ge=0, lt=1)
+    sparsity: Optional[float] = num_field(None, ge=0, lt=1)
     # Routers to move: both, or one kind only (it meets the overall target, the other stays as trained).
-    kinds: str = _choice("both", ("both", "attn", "mlp"))
+    kinds: str = choice_field("both", ("both", "attn", "mlp"))
     # per_layer: each layer keeps its trained skip rate, rescaled to the target; global: one threshold per group.
-    method: str = _choice("per_layer", ("per_layer", "global"))
+    method: str = choice_field("per_layer", ("per_layer", "global"))
     # Calibration sequences, the next ones of the training stream (its position is left unchanged).
-    sequences: int = _num(16, ge=1)
+    sequences: int = num_field(16, ge=1)
 
 
 @dataclass
-class StageConfig(_Section):
+class StageConfig(Section):
     _prefix: ClassVar[str] = "stage"
     # 1 = router tuning (base frozen), 2 = LoRA restore (routers frozen and hard).
-    stage: int = _choice(1, (1, 2))
+    stage: int = choice_field(1, (1, 2))
     # Stage 2: the stage-1 checkpoint folder, or a stage-1 run folder (its latest checkpoint is used).
     init_from: Optional[str] = None
     # Stage 2: keep training the routers alongside LoRA.
@@ -141,9 +141,9 @@ class StageConfig(_Section):
     # What the model learns from: `lm`, next-token cross entropy on the data; `distill`, the KL divergence from
     # the dense model (the same frozen weights with every sublayer executed, adapters off) on every position: a
     # full distribution per token instead of one label, at the cost of one extra no-grad forward per micro-batch.
-    objective: str = _choice("lm", ("lm", "distill"))
-    lora: LoraConfig = _section(LoraConfig)
-    calibrate: CalibrateConfig = _section(CalibrateConfig)
+    objective: str = choice_field("lm", ("lm", "distill"))
+    lora: LoraConfig = section_field(LoraConfig)
+    calibrate: CalibrateConfig = section_field(CalibrateConfig)
 
     def validate(self):
         super().validate()
@@ -157,12 +157,12 @@ class StageConfig(_Section):
 
 
 @dataclass
-class CheckpointConfig(_Section):
+class CheckpointConfig(Section):
     _prefix: ClassVar[str] = "checkpoint"
     # Save every N optimiser steps; 0 = only at the end.
-    every_steps: int = _num(50, ge=0)
+    every_steps: int = num_field(50, ge=0)
     # Number of complete checkpoints kept in run_dir/checkpoints.
-    keep_last: int = _num(2, ge=1)
+    keep_last: int = num_field(2, ge=1)
     # `auto`: resume from the newest complete checkpoint of run_dir if any; `never`; or a checkpoint folder path.
     resume: str = "auto"
 
@@ -174,39 +174,39 @@ class CheckpointConfig(_Section):
 
 
 @dataclass
-class LoggingConfig(_Section):
+class LoggingConfig(Section):
     _prefix: ClassVar[str] = "logging"
     # Log metrics every N optimiser steps.
-    every_steps: int = _num(1, ge=1)
+    every_steps: int = num_field(1, ge=1)
     # Show a progress bar on rank 0.
     progress: bool = True
     # Also log to Weights & Biases (rank 0).
     wandb: bool = False
     wandb_project: str = "skipgpt-dist"
     # W&B mode; the WANDB_MODE environment variable, if set, wins over this key.
-    wandb_mode: str = _choice("offline", ("online", "offline", "disabled"))
+    wandb_mode: str = choice_field("offline", ("online", "offline", "disabled"))
 
 
 @dataclass
-class EvalConfig(_Section):
+class EvalConfig(Section):
     _prefix: ClassVar[str] = "eval"
     # Evaluate every N optimiser steps; 0 = only at the end.
-    every_steps: int = _num(0, ge=0)
+    every_steps: int = num_field(0, ge=0)
     # Evaluate once more after the last step.
     at_end: bool = True
 
 
 @dataclass
-class ParallelConfig(_Section):
+class ParallelConfig(Section):
     _prefix: ClassVar[str] = "parallel"
     # `none`: a single process; `deepspeed`: ZeRO; `fsdp2`: `fully_shard` per decoder block.
-    backend: str = _choice("none", ("none", "deepspeed", "fsdp2"))
+    backend: str = choice_field("none", ("none", "deepspeed", "fsdp2"))
     # Path to a DeepSpeed JSON config (backend=deepspeed); null -> the built-in default.
     ds_config: Optional[str] = None
     # Recompute each decoder block in the backward pass to save activation memory.
     activation_checkpointing: bool = False
     # `bf16`: compute in bfloat16 with fp32 master weights.
-    mixed_precision: str = _choice("none", ("none", "bf16"))
+    mixed_precision: str = choice_field("none", ("none", "bf16"))
     # torch.compile each routed decoder block (training/compile.py): training and static-slot inference.
     # backend none or fsdp2 (ZeRO-3 gathers parameters in per-module hooks, inside the compiled region).
     compile: bool = False
@@ -221,21 +221,21 @@ class ParallelConfig(_Section):
 
 
 @dataclass
-class TrainConfig(_Section):
+class TrainConfig(Section):
     _prefix: ClassVar[str] = ""
     # Folder for checkpoints, logs and the resolved config.
     run_dir: str = "runs/default"
     # Seed of model init (routers, LoRA), gate noise and (unless data.shuffle_seed) the data order.
-    seed: int = _num(0, ge=0)
-    model: ModelConfig = _section(ModelConfig)
-    routers: RouterConfig = _section(RouterConfig)
-    data: DataConfig = _section(DataConfig)
-    optim: OptimConfig = _section(OptimConfig)
-    stage: StageConfig = _section(StageConfig)
-    checkpoint: CheckpointConfig = _section(CheckpointConfig)
-    logging: LoggingConfig = _section(LoggingConfig)
-    eval: EvalConfig = _section(EvalConfig)
-    parallel: ParallelConfig = _section(ParallelConfig)
+    seed: int = num_field(0, ge=0)
+    model: ModelConfig = section_field(ModelConfig)
+    routers: RouterConfig = section_field(RouterConfig)
+    data: DataConfig = section_field(DataConfig)
+    optim: OptimConfig = section_field(OptimConfig)
+    stage: StageConfig = section_field(StageConfig)
+    checkpoint: CheckpointConfig = section_field(CheckpointConfig)
+    logging: LoggingConfig = section_field(LoggingConfig)
+    eval: EvalConfig = section_field(EvalConfig)
+    parallel: ParallelConfig = section_field(ParallelConfig)
 
     def validate(self):
         super().validate()
@@ -319,7 +319,7 @@ def load_config(path: Optional[str] = None, overrides: Sequence[str] = (), for_t
     data = _read_yaml(os.fspath(path)) if path is not None else {}
     for override in overrides:
         _apply_override(data, override)
-    cfg = _from_dict(TrainConfig, data, "")
+    cfg = section_from_dict(TrainConfig, data, "")
     if for_training:
         check_training_data_named(cfg, data)
     return cfg

@@ -13,25 +13,25 @@ from typing import ClassVar
 from .errors import SkipGPTError
 
 
-def _num(default, *, ge=None, gt=None, le=None, lt=None):
+def num_field(default, *, ge=None, gt=None, le=None, lt=None):
     """A numeric field with an allowed range (checked on construction)."""
     return field(default=default, metadata={"ge": ge, "gt": gt, "le": le, "lt": lt})
 
 
-def _choice(default, choices: tuple):
+def choice_field(default, choices: tuple):
     """A field restricted to a fixed set of values."""
     return field(default=default, metadata={"choices": choices})
 
 
-def _list(*default: str, nonempty: bool = False):
+def list_field(*default: str, nonempty: bool = False):
     return field(default_factory=lambda: list(default), metadata={"nonempty": nonempty})
 
 
-def _section(cls):
+def section_field(cls):
     return field(default_factory=cls)
 
 
-class _Section:
+class Section:
     """Mixin: coerce + range-check every field on construction. `_prefix` names the section in messages."""
 
     _prefix: ClassVar[str] = ""
@@ -64,7 +64,7 @@ def _coerce(value, tp, key: str):
         inner = [a for a in args if a is not type(None)][0]
         return None if value is None else _coerce(value, inner, key)
     if dataclasses.is_dataclass(tp):
-        return value if isinstance(value, tp) else _from_dict(tp, value, key)
+        return value if isinstance(value, tp) else section_from_dict(tp, value, key)
     if tp is bool:
         if not isinstance(value, bool):
             raise _type_error(key, value, "true or false")
@@ -123,7 +123,7 @@ def _check_field(value, meta, key: str) -> None:
             raise SkipGPTError(f"{key}={value!r} is out of range: it must be {sign} {bound}")
 
 
-def _from_dict(cls, data, prefix: str):
+def section_from_dict(cls, data, prefix: str):
     """Build dataclass `cls` from a mapping, rejecting unknown keys with a suggestion."""
     if data is None:  # an empty YAML section (`logging:` with everything commented out)
         data = {}

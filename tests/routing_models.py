@@ -2,11 +2,12 @@
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from transformers import Gemma2Config, Gemma2ForCausalLM, LlamaConfig, LlamaForCausalLM, MistralConfig, \
     MistralForCausalLM, MixtralConfig, MixtralForCausalLM, Phi3Config, Phi3ForCausalLM, Qwen2Config, \
     Qwen2ForCausalLM, Qwen3Config, Qwen3ForCausalLM
 
-from skipgpt_dist import RouterConfig, attach_routers
+from skipgpt_dist import RouterConfig, attach_routers, sparsity_loss
 
 COMMON = dict(hidden_size=48, intermediate_size=80, num_hidden_layers=3, vocab_size=97,
               max_position_embeddings=256, rms_norm_eps=1e-5, tie_word_embeddings=False)
@@ -72,3 +73,20 @@ def batch(seed: int, batch_size: int = 3, seq_len: int = 19, padding: str = "non
             else:
                 mask[row, -pad:] = 0
     return ids, mask
+
+
+def logits_on_real(model, ids, mask):
+    return model(ids, attention_mask=mask).logits[mask.bool()]
+
+
+def train_step_grads(model, ids, mask):
+    model.train()
+    for name, param in model.named_parameters():
+        param.requires_grad_("skipgpt_" in name)
+    logits = model(ids, attention_mask=mask).logits
+    # no loss on a prediction made at a padding position (left padding's last pad predicts the first token): mask
+    # mode's dense estimator would give that pad's router a gradient, which padding never gets in real training
+    labels = ids.masked_fill(mask == 0, -100)[:, 1:].masked_fill(mask[:, :-1] == 0, -100)
+    loss = F.cross_entropy(logits[:, :-1].flatten(0, 1), labels.flatten(), ignore_index=-100)
+    (loss + sparsity_loss(model)).backward()
+    return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}

@@ -29,8 +29,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from dist_helpers import HELD_RE, REPO, child_env, launch_cmd, write_text_files, zero3_all_sharded  # noqa: E402
-from routing_models import FAMILIES, batch, build, scramble_routers  # noqa: E402
-from test_routing import logits_on_real, train_step_grads  # noqa: E402
+from routing_models import FAMILIES, batch, build, logits_on_real, scramble_routers, train_step_grads  # noqa: E402
 
 from skipgpt_dist import routing_disabled, routing_stats  # noqa: E402
 

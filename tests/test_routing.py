@@ -3,9 +3,8 @@ import math
 
 import pytest
 import torch
-import torch.nn.functional as F
 
-from routing_models import FAMILIES, batch, build, scramble_routers
+from routing_models import FAMILIES, batch, build, logits_on_real, scramble_routers, train_step_grads
 from skipgpt_dist import (RouterConfig, SkipGPTError, attach_routers, count_router_parameters, load_routers,
                           routing_context, routing_disabled, routing_stats, save_routers, sparsity_loss)
 from skipgpt_dist.routing.gates import hashed_uniform
@@ -18,10 +17,6 @@ LLAMA_BLOCK = ("llama_mha", "llama_gqa", "mistral", "qwen2")
 OTHER_FAMILIES = tuple(sorted(set(FAMILIES) - set(LLAMA_BLOCK)))
 PADDINGS = ("none", "left", "right")
 SLOTS = ("static", "dynamic")  # routers.inference_slots: what capacity mode does in these no-grad eval forwards
-
-
-def logits_on_real(model, ids, mask):
-    return model(ids, attention_mask=mask).logits[mask.bool()]
 
 
 FORWARD_GRID = [(f, pol, pad, slots) for f in LLAMA_BLOCK for pol in POLICIES for pad in PADDINGS for slots in SLOTS] \
@@ -54,19 +49,6 @@ def test_capacity_below_one_is_exercised_without_overflow():
     with torch.no_grad():
         model(ids, attention_mask=mask)
     assert all(layer[k]["overflow"] == 0 for layer in routing_stats(model)["layers"] for k in ("attn", "mlp"))
-
-
-def train_step_grads(model, ids, mask):
-    model.train()
-    for name, param in model.named_parameters():
-        param.requires_grad_("skipgpt_" in name)
-    logits = model(ids, attention_mask=mask).logits
-    # no loss on a prediction made at a padding position (left padding's last pad predicts the first token): mask
-    # mode's dense estimator would give that pad's router a gradient, which padding never gets in real training
-    labels = ids.masked_fill(mask == 0, -100)[:, 1:].masked_fill(mask[:, :-1] == 0, -100)
-    loss = F.cross_entropy(logits[:, :-1].flatten(0, 1), labels.flatten(), ignore_index=-100)
-    (loss + sparsity_loss(model)).backward()
-    return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
 
 
 # (mask estimator, capacity estimator) pairs that must agree when every token has a slot: the executed-token
