@@ -378,9 +378,10 @@ def parse_args(argv=None):
                                               "one that records routing statistics (default 0 on cpu, 3 on cuda)")
     p.add_argument("--iters", type=int, help="calls per measurement, timed back to back (default 1 on cpu, 5 on cuda)")
     add_allocator_option(p)
-    p.add_argument("--recipe", default="configs/smollm2_stage1.yaml",
+    p.add_argument("--recipe", default="slurm/configs/stage1_70b.yaml",
                    help="training config whose capacities (per kind, per layer: capacity_plan=warm_start) get a "
-                        "`recipe` variant; 'none' to leave it out (default: the demo stage-1 config)")
+                        "`recipe` variant; 'none' to leave it out (default: the cluster stage-1 config, the recipe "
+                        "bench/quality.py measures)")
     p.add_argument("--quick", action="store_true", help="smoke run: seq 256, 2 repeats, 4 layers (explicit flags win)")
     args = p.parse_args(argv)
     resolve_device_options(args)

@@ -18,8 +18,8 @@ def test_routed_forward_quick_runs():
     variants = {v["variant"]: v for v in result["variants"]}
     assert {"dense", "mask/all", "capacity0.75/all", "capacity0.60/all"} <= set(variants)
     assert variants["capacity0.75/all"]["routing"]["eval"]["attn_execute"] == 0.75
-    # the demo recipe's own slots (configs/smollm2_stage1.yaml, capacity_plan=warm_start) on the 4 quick layers:
-    # round(0.45 * 4) = 2 marked attention layers at 0.75, the rest (MLPs included) every slot
+    # the cluster recipe's own slots (slurm/configs/stage1_70b.yaml, capacity_plan=warm_start) on the 4 quick layers:
+    # round(0.5 * 4) = 2 marked attention layers at 0.75, the rest (MLPs included) every slot
     recipe = variants["recipe/all"]
     assert recipe["mean_capacity"] == {"attn": 0.875, "mlp": 1.0}
     assert recipe["routing"]["eval"]["attn_execute"] == pytest.approx(0.875, abs=0.01)
@@ -118,8 +118,8 @@ def test_routed_forward_bf16_on_cpu_records_where_it_ran():
     assert result["torch"] == torch.__version__ and result["device_name"]
     variants = {v["variant"]: v for v in result["variants"]}
     assert variants["capacity0.75/all"]["routing"]["eval"]["attn_execute"] == 0.75
-    # the demo recipe's own slots (configs/smollm2_stage1.yaml, capacity_plan=warm_start) on the 4 quick layers:
-    # round(0.45 * 4) = 2 marked attention layers at 0.75, the rest (MLPs included) every slot
+    # the cluster recipe's own slots (slurm/configs/stage1_70b.yaml, capacity_plan=warm_start) on the 4 quick layers:
+    # round(0.5 * 4) = 2 marked attention layers at 0.75, the rest (MLPs included) every slot
     recipe = variants["recipe/all"]
     assert recipe["mean_capacity"] == {"attn": 0.875, "mlp": 1.0}
     assert recipe["routing"]["eval"]["attn_execute"] == pytest.approx(0.875, abs=0.01)
@@ -136,8 +136,8 @@ def test_routed_forward_on_cuda_quick():
     variants = {v["variant"]: v for v in result["variants"]}
     assert {"dense", "mask/all", "capacity0.75/all", "capacity0.60/all"} <= set(variants)
     assert variants["capacity0.75/all"]["routing"]["eval"]["attn_execute"] == 0.75
-    # the demo recipe's own slots (configs/smollm2_stage1.yaml, capacity_plan=warm_start) on the 4 quick layers:
-    # round(0.45 * 4) = 2 marked attention layers at 0.75, the rest (MLPs included) every slot
+    # the cluster recipe's own slots (slurm/configs/stage1_70b.yaml, capacity_plan=warm_start) on the 4 quick layers:
+    # round(0.5 * 4) = 2 marked attention layers at 0.75, the rest (MLPs included) every slot
     recipe = variants["recipe/all"]
     assert recipe["mean_capacity"] == {"attn": 0.875, "mlp": 1.0}
     assert recipe["routing"]["eval"]["attn_execute"] == pytest.approx(0.875, abs=0.01)
