@@ -56,8 +56,9 @@ class Preset:
     common: list[str]  # overrides of both stages (model, data and eval sizes)
     stage1: list[str]  # the stage-1 schedule
     stage2: list[str]
-    calibration_sequences: int
+    calibration_sequences: int  # router calibration (stage 2's first phase, the calibrated stage-1 row)
     eval_sequences: int
+    static_sequences: int = 16  # block influence and the oracle's threshold (8 forwards of each per sparsity)
 
 
 PRESETS = {
@@ -65,7 +66,7 @@ PRESETS = {
         stage1_config="slurm/configs/stage1_70b.yaml", stage2_config="slurm/configs/stage2_70b.yaml",
         common=CLUSTER_TO_CPU + ["model.path=builtin:smollm2-135m", "data.seq_len=256", "data.eval_sequences=32"],
         # (60 / 120 steps with 16 calibration sequences: 1.650x at 24.3% after stage 1, 1.798x after stage 2 at
-        # 40%; calibration on 16 sequences missed the target on held-out text by 1.3 points at 25%)
+        # 40%; calibration on 16 sequences missed the target on held-out text by 1.3 points at 25%, so 64)
         stage1=["optim.max_steps=120", "optim.lr=1e-3", "optim.warmup_steps=5"],
         stage2=["optim.max_steps=240", "optim.lr=2e-3", "optim.warmup_steps=5"],
         calibration_sequences=64, eval_sequences=32),
@@ -74,7 +75,7 @@ PRESETS = {
         common=CLUSTER_TO_CPU + ["model.path=builtin:tiny", "data.seq_len=64", "data.eval_sequences=4"],
         stage1=["optim.max_steps=4", "optim.warmup_steps=1"],
         stage2=["optim.max_steps=3", "optim.warmup_steps=1", "stage.lora.r=4"],
-        calibration_sequences=4, eval_sequences=4),
+        calibration_sequences=4, eval_sequences=4, static_sequences=4),
 }
 # Stage 1 in the reference mode: every sublayer runs and is multiplied by the gate (the paper's estimator).
 MASK_MODE = ["routers.mode=mask", "routers.gate_grad=dense"]
@@ -161,7 +162,7 @@ def static_rows(preset: Preset, sparsities, out: Path):
     batches, held_out = build_data(cfg, tokenizer)
     hamlet_cfg = load_config(str(ROOT / preset.stage1_config), overrides + [f"data.eval_files=[{HAMLET_EVAL}]"])
     hamlet = build_data(hamlet_cfg, tokenizer)[1]
-    calibration = batches.peek_sequences(preset.calibration_sequences)
+    calibration = batches.peek_sequences(preset.static_sequences)
     flops = sublayer_flops(model.config)
     log(f"block influence on {len(calibration)} training sequences")
     influence = block_influence(model, calibration, cfg.optim.micro_batch_size)
