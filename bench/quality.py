@@ -29,6 +29,7 @@ import argparse
 import json
 import math
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -264,8 +265,6 @@ def calibrated_row(run_dir: Path, sparsity: float, preset: Preset, flops) -> Row
     """Stage 1 as the pipeline hands it to stage 2: tools/calibrate_routers.py with the stage-2 config's calibration
     (attention routers, per-layer method, the same number of training sequences) moves the trained routers' biases
     until deterministic gates skip exactly the target, scored with every token's own decision (served)."""
-    import shutil
-
     target = run_dir.with_name(run_dir.name + "_calibrated")
     shutil.rmtree(target, ignore_errors=True)  # the tool refuses an existing --out; this folder is the bench's own
     launch("tools/calibrate_routers.py", [str(run_dir), "--out", str(target), "--sparsity", str(sparsity),
@@ -427,7 +426,8 @@ def main(argv=None) -> int:
             new_rows, new_runs = skipgpt_rows(preset, args, sparsity, out, flops)
             rows += new_rows
             runs += new_runs
-    order = ["ShortGPT layer drop", "ShortGPT attention drop", ORACLE, *STAGE1_METHODS.values(), CALIBRATED_METHOD, STAGE2_METHOD]
+    order = ["ShortGPT layer drop", "ShortGPT attention drop", ORACLE, *STAGE1_METHODS.values(), CALIBRATED_METHOD,
+             STAGE2_METHOD]
     rows.sort(key=lambda r: (r.target, order.index(r.method)))
     text = table(rows, dense_ppl, dense_hamlet)
     minutes = (time.perf_counter() - start) / 60
