@@ -240,22 +240,17 @@ def train_stage(config: str, overrides: list[str], ranks: int) -> dict:
 
 
 def score(checkpoint: Path, texts: list[str], sequences: int, mode: str | None = None) -> list[dict]:
-    """What tools/eval_ppl.py prints for `checkpoint` on each of `texts` (its code: load_checkpoint_model,
-    packed_eval_sequences, evaluate, batch 4), in this process with the model loaded once. (Under torchrun
-    eval_ppl prints the same, tests/test_distributed_warm_start.py.) mode=mask scores every token's own decision
-    (what serving with dynamic slots runs: no capacity overflow); default: the trained mode with training's slots."""
-    from skipgpt_dist.data import packed_eval_sequences
-    from skipgpt_dist.training.evaluate import evaluate
+    """What tools/eval_ppl.py prints for `checkpoint` on each of `texts` (its code: load_checkpoint_model and
+    score_text, batch 4), in this process with the model loaded once. (Under torchrun eval_ppl prints the same,
+    tests/test_distributed_warm_start.py.) mode=mask scores every token's own decision (what serving with dynamic
+    slots runs: no capacity overflow); default: the trained mode with training's slots."""
+    from skipgpt_dist.training.evaluate import score_text
     from skipgpt_dist.training.restore import load_checkpoint_model
 
     torch.manual_seed(0)
     model, tokenizer, cfg = load_checkpoint_model(str(checkpoint), mode)
-    results = []
-    for text in texts:
-        held_out = packed_eval_sequences([text], tokenizer, cfg.data.seq_len, sequences,
-                                         text_field=cfg.data.text_field, at_most=True)
-        results.append(evaluate(model, held_out, EVAL_BATCH))
-    return results
+    return [score_text(model, tokenizer, [text], cfg.data.seq_len, sequences, EVAL_BATCH, cfg.data.text_field)
+            for text in texts]
 
 
 EVAL_BATCH = 4  # tools/eval_ppl.py's default --batch-size

@@ -43,9 +43,8 @@ def main(argv=None):
 
     import torch
 
-    from skipgpt_dist.data import packed_eval_sequences
     from skipgpt_dist.training import distributed as D
-    from skipgpt_dist.training.evaluate import evaluate
+    from skipgpt_dist.training.evaluate import score_text
     from skipgpt_dist.training.restore import load_checkpoint_model, tool_device
 
     torch.manual_seed(0)
@@ -54,13 +53,8 @@ def main(argv=None):
     model, tokenizer, cfg = load_checkpoint_model(args.checkpoint, args.mode, args.capacity)
     model.to(device)
     seq_len = args.seq_len or cfg.data.seq_len
-    if not D.is_main():  # rank 0 tokenises first, so `datasets` caches the text once; the others then read it
-        D.barrier()
-    held_out = packed_eval_sequences(args.data, tokenizer, seq_len, args.sequences, text_field=cfg.data.text_field,
-                                     at_most=True)
-    if D.is_main():
-        D.barrier()
-    result = evaluate(model, held_out, args.batch_size)  # each rank scores its share; the sums are all-reduced
+    # each rank scores its share of the sequences; the sums are all-reduced
+    result = score_text(model, tokenizer, args.data, seq_len, args.sequences, args.batch_size, cfg.data.text_field)
     result["ppl_ratio"] = result["ppl_routed"] / result["ppl_dense"]
     result.update(checkpoint=args.checkpoint, seq_len=seq_len)
     if D.is_main():

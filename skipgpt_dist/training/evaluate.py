@@ -58,3 +58,18 @@ def evaluate(model, sequences: torch.Tensor, micro_batch_size: int) -> dict:
     mlp = 1.0 - routed[3] / routed[4]
     return {"ppl_routed": math.exp(routed[0] / routed[1]), "ppl_dense": math.exp(dense[0] / dense[1]),
             "attn_sparsity": attn, "mlp_sparsity": mlp, "sparsity": (attn + mlp) / 2, "sequences": len(sequences)}
+
+
+def score_text(model, tokenizer, data, seq_len: int, sequences: int, micro_batch_size: int,
+               text_field: str = "text") -> dict:
+    """evaluate() on up to `sequences` packed held-out sequences of `data` (files, folders or builtin: names), as
+    tools/eval_ppl.py prints it. Under torchrun rank 0 tokenises first, so `datasets` caches the text once and the
+    other ranks read the cache; every rank then scores its share."""
+    from ..data import packed_eval_sequences
+
+    if not D.is_main():
+        D.barrier()
+    held_out = packed_eval_sequences(data, tokenizer, seq_len, sequences, text_field=text_field, at_most=True)
+    if D.is_main():
+        D.barrier()
+    return evaluate(model, held_out, micro_batch_size)
