@@ -9,7 +9,7 @@ Hamlet, perplexity of
   in the `mask` reference mode (every sublayer runs, the paper's estimator); stage 2 (LoRA, routers calibrated in
   the job and held at the target) on the capacity stage 1,
 each at 25% and 40% sparsity. Every SkipGPT run is `train.py` on the SAME config files the Slurm scripts submit
-(`slurm/configs/stage1_70b.yaml`, `stage2_70b.yaml`), scaled down only in model, data, sizes and steps, and by
+(`slurm/configs/stage1_70b.yaml`, `stage2_70b.yaml`), scaled down only in model, data, sizes and schedule (steps, warmup, lr), and by
 default through 2-rank FSDP2 (`torchrun --standalone`, gloo on CPU): the code that runs at 70B produces the table.
 Sparsity is the fraction of sublayer executions skipped (attention and MLP counted alike, as in the paper); the
 table also gives the fraction of the decoder's matmul FLOPs skipped at evaluation, and during training (the slots
