@@ -1,6 +1,6 @@
 """Router starts on the sharded model: the block-influence warm start (stage 1) and stage.calibrate (stage 2) run
-inside the job on every rank of FSDP2 and ZeRO-3 and give what one process gives; tools/eval_ppl.py under torchrun
-prints what one process prints.
+inside the job on every rank of FSDP2 and ZeRO-3 and give what one process gives; tools/eval_ppl.py and
+tools/calibrate_routers.py under torchrun print (and write) what one process does.
 
 Real `torchrun --standalone` runs on gloo with the tiny builtin model (tests/dist_helpers.py). Two ranks with
 micro_batch_size 2 against one process with 4: the same global batch, so the same calibration sequences (the
@@ -152,3 +152,31 @@ def test_eval_ppl_under_torchrun_equals_one_process(ref_calibrated, common):
     assert set(one) == set(two) and one["sequences"] == 5
     for key in ("ppl_routed", "ppl_dense", "ppl_ratio", "attn_sparsity", "mlp_sparsity", "sparsity"):
         assert two[key] == pytest.approx(one[key], rel=1e-6, abs=1e-7), key
+
+
+def calibrate_tool(prefix: list[str], run, out: Path) -> dict:
+    cmd = prefix + [str(REPO / "tools" / "calibrate_routers.py"), str(run.run_dir), "--out", str(out),
+                    "--sparsity", "0.3", "--sequences", "5"]
+    proc = subprocess.run(cmd, cwd=REPO, env=child_env(), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    lines = [x for x in proc.stdout.splitlines() if x.startswith("{")]
+    assert len(lines) == 1, proc.stdout  # rank 0 prints
+    return json.loads(lines[0])
+
+
+def test_calibrate_tool_under_torchrun_equals_one_process(root, ref_warm):
+    """5 calibration sequences on 2 ranks (rank 1 runs a padding duplicate that must not count): every rank gets
+    the one-process shifts, rank 0 writes the same routers, and the held-out line is the same."""
+    from safetensors.torch import load_file
+
+    one = calibrate_tool([sys.executable], ref_warm, root / "tool_cal_one")
+    two = calibrate_tool([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"],
+                         ref_warm, root / "tool_cal_two")
+    for kind in ("attn", "mlp"):
+        assert two["skip_rate_before"][kind] == pytest.approx(one["skip_rate_before"][kind], abs=1e-7), kind
+    for key in ("ppl_routed", "ppl_dense", "attn_sparsity", "mlp_sparsity", "sparsity"):
+        assert two[key] == pytest.approx(one[key], rel=1e-6, abs=1e-7), key
+    written = {name: load_file(str(root / name / "routers.safetensors")) for name in ("tool_cal_one", "tool_cal_two")}
+    assert max_diff(written["tool_cal_two"], written["tool_cal_one"]) <= ATOL_VALUES
+    assert max_diff(written["tool_cal_one"], routers_at(ref_warm, STEPS)) > 1e-2  # calibration moved the routers
+    assert sorted(p.name for p in root.iterdir() if p.name.startswith(".tool_cal")) == []  # no temporary folder left

@@ -419,6 +419,17 @@ def test_routing_report_reads_a_checkpoint(stage1_ckpt, tmp_path, capsys):
     one_line_error(err, "text is empty")
 
 
+def test_routing_report_under_torchrun_is_written_by_rank_0_only(stage1_ckpt, tmp_path, monkeypatch):
+    """torchrun's other ranks exit before loading anything: one report, no two processes writing one file."""
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    run_tool("routing_report", [str(stage1_ckpt), "--text", "Now is the winter", "--out", str(tmp_path / "r1")])
+    assert not (tmp_path / "r1").exists()
+    monkeypatch.setenv("RANK", "0")
+    run_tool("routing_report", [str(stage1_ckpt), "--text", "Now is the winter", "--out", str(tmp_path / "r0")])
+    assert (tmp_path / "r0" / "report.json").is_file()
+
+
 # ---------------------------------------------------------------- bad input: one-line errors, nothing half-written
 
 

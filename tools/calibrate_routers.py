@@ -11,6 +11,12 @@ else) so that, on training text, the tokens with the lowest margins skip (skipgp
 The output is a copy of the checkpoint with the new routers.safetensors, usable wherever a checkpoint is
 (stage.init_from, tools/eval_ppl.py, tools/merge_lora.py). The input is never modified; an existing --out is
 refused. Prints one JSON line: skip rates before, and ppl / sparsity after on --eval-data.
+
+    torchrun --nproc_per_node 4 tools/calibrate_routers.py runs/smollm2_stage1 --out runs/cal --sequences 256
+
+Under torchrun every rank holds the whole model on its own device and collects the router margins of its share of
+the calibration sequences; the margins are gathered, so every rank computes the same shifts as one process, rank 0
+writes the copy, and the held-out line is scored over all ranks (as tools/eval_ppl.py does).
 """
 import argparse
 import json
@@ -51,24 +57,40 @@ def calibrate_checkpoint(checkpoint, out, sparsity=None, method="per_layer", dat
     if sparsity is not None and not 0.0 <= sparsity < 1.0:
         raise SkipGPTError(f"--sparsity {sparsity} is out of range: use a fraction in [0, 1), e.g. 0.25")
 
-    from skipgpt_dist.checkpoint import ROUTERS_FILE, find_checkpoint, record_files, verify_checkpoint
+    from skipgpt_dist.checkpoint import find_checkpoint
     from skipgpt_dist.data import packed_eval_sequences
-    from skipgpt_dist.routing import routing_context, save_routers
+    from skipgpt_dist.routing import routing_context
     from skipgpt_dist.routing.calibrate import calibrate_routers
+    from skipgpt_dist.training import distributed as D
     from skipgpt_dist.training.restore import load_checkpoint_model, tool_device
 
     source = find_checkpoint(checkpoint, key="checkpoint")
+    device = tool_device(device)
+    D.join_tool_ranks(device)  # after every rank checked --out: none can be written before all have joined
     model, tokenizer, cfg = load_checkpoint_model(str(source))
-    model.to(tool_device(device))
+    model.to(device)
     router_cfg = routing_context(model).cfg
     if sparsity is not None:
         router_cfg.target_sparsity = sparsity
         router_cfg.target_sparsity_attn = router_cfg.target_sparsity_mlp = None
     # the run's own files are read as the run read them; --data files by their extension
-    calibration = packed_eval_sequences(data or cfg.data.train_files, tokenizer, cfg.data.seq_len, sequences,
-                                        "auto" if data else cfg.data.format, cfg.data.text_field)
+    with D.main_rank_first():
+        calibration = packed_eval_sequences(data or cfg.data.train_files, tokenizer, cfg.data.seq_len, sequences,
+                                            "auto" if data else cfg.data.format, cfg.data.text_field)
+    # every rank collects its share of the margins and gets the same shifts (routing/calibrate.py gathers them)
     before = calibrate_routers(model, calibration, method=method, micro_batch_size=cfg.optim.micro_batch_size,
                                kinds=("attn", "mlp") if kinds == "both" else (kinds,))
+    if D.is_main():
+        write_calibrated_copy(model, source, out)
+    D.barrier()
+    return model, tokenizer, cfg, before
+
+
+def write_calibrated_copy(model, source, out):
+    """`source` copied to `out` with the model's routers, atomically (a temporary folder renamed at the end)."""
+    from skipgpt_dist.checkpoint import ROUTERS_FILE, record_files, verify_checkpoint
+    from skipgpt_dist.routing import save_routers
+
     tmp = out.with_name(f".{out.name}.tmp{os.getpid()}")
     try:
         shutil.copytree(source, tmp)
@@ -78,7 +100,6 @@ def calibrate_checkpoint(checkpoint, out, sparsity=None, method="per_layer", dat
         tmp.rename(out)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    return model, tokenizer, cfg, before
 
 
 @run_cli
@@ -96,13 +117,17 @@ def main(argv=None):
     result = {"checkpoint": str(args.out), "method": args.method, "kinds": args.kinds,
               "target_sparsity": routing_context(model).cfg.target_sparsity, "skip_rate_before": before}
     from skipgpt_dist.data import packed_eval_sequences
+    from skipgpt_dist.training import distributed as D
 
-    held_out = packed_eval_sequences(args.eval_data or cfg.data.eval_files, tokenizer, cfg.data.seq_len,
-                                     cfg.data.eval_sequences, "auto" if args.eval_data else cfg.data.format,
-                                     cfg.data.text_field)
-    if len(held_out):
+    with D.main_rank_first():
+        held_out = packed_eval_sequences(args.eval_data or cfg.data.eval_files, tokenizer, cfg.data.seq_len,
+                                         cfg.data.eval_sequences, "auto" if args.eval_data else cfg.data.format,
+                                         cfg.data.text_field)
+    if len(held_out):  # each rank scores its share; the sums are all-reduced
         result.update(evaluate(model, held_out, cfg.optim.micro_batch_size))
-    print(json.dumps(result), flush=True)
+    if D.is_main():
+        print(json.dumps(result), flush=True)
+    D.barrier()
     return 0
 
 

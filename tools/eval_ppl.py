@@ -9,7 +9,6 @@ Under torchrun every rank holds the whole model on its device and scores its sha
 NLL, token and execution counts are all-reduced, so the line (printed by rank 0) is what one process prints.
 """
 import argparse
-import atexit
 import json
 import os
 import sys
@@ -49,7 +48,7 @@ def main(argv=None):
 
     torch.manual_seed(0)
     device = tool_device(args.device)
-    join_ranks(device)
+    D.join_tool_ranks(device)
     model, tokenizer, cfg = load_checkpoint_model(args.checkpoint, args.mode, args.capacity)
     model.to(device)
     seq_len = args.seq_len or cfg.data.seq_len
@@ -60,22 +59,6 @@ def main(argv=None):
     if D.is_main():
         print(json.dumps(result), flush=True)
     D.barrier()
-
-
-def join_ranks(device) -> None:
-    """Under torchrun (WORLD_SIZE > 1): join the process group, gloo for CPU tensors plus NCCL for CUDA ones on a
-    GPU (collectives run on the right device through all_reduce_sum); one process starts none."""
-    import torch
-    import torch.distributed as dist
-
-    from skipgpt_dist.training import distributed as D
-
-    if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or D.is_distributed():
-        return
-    if device.type == "cuda":
-        torch.cuda.set_device(device)
-    dist.init_process_group(D.backend_string(device.type == "cuda"))
-    atexit.register(dist.destroy_process_group)
 
 
 if __name__ == "__main__":

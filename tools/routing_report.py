@@ -4,6 +4,8 @@
     python tools/routing_report.py runs/tiny --text-file prompt.txt --out reports/tiny --mode mask
 
 MODEL is a folder exported by tools/merge_lora.py, or a training checkpoint / run folder (base + routers (+ LoRA)).
+Under torchrun rank 0 makes the report (of one text: the other ranks would write the same files) and the others
+exit at once.
 """
 import argparse
 import os
@@ -44,7 +46,11 @@ def main(argv=None):
     import torch
 
     from skipgpt_dist.report import collect_routing, load_for_report, write_report
+    from skipgpt_dist.training import distributed as D
     from skipgpt_dist.training.restore import tool_device
+
+    if D.rank() > 0:  # torchrun: one report, by rank 0
+        return
 
     torch.manual_seed(0)
     device = tool_device(args.device)

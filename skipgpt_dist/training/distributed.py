@@ -6,6 +6,8 @@ cpu"), so the device of a collective is decided here, once, from the default gro
 """
 from __future__ import annotations
 
+import atexit
+import contextlib
 import os
 
 import torch
@@ -89,3 +91,26 @@ def any_rank(flag: bool) -> bool:
 def barrier() -> None:
     if is_distributed():
         dist.barrier()
+
+
+@contextlib.contextmanager
+def main_rank_first():
+    """Rank 0 runs the block first, then the other ranks (e.g. tokenising text: `datasets` caches it once and the
+    others read the cache). One process: just the block."""
+    if not is_main():
+        barrier()
+    yield
+    if is_main():
+        barrier()
+
+
+def join_tool_ranks(device: torch.device) -> None:
+    """A tool under torchrun (WORLD_SIZE > 1) joins the process group: gloo for CPU tensors, plus NCCL for CUDA
+    ones when it runs on a GPU (collectives go through all_reduce_sum on the right device). One process, or a group
+    already joined: nothing."""
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or is_distributed():
+        return
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    dist.init_process_group(backend_string(device.type == "cuda"))
+    atexit.register(dist.destroy_process_group)

@@ -67,9 +67,6 @@ def score_text(model, tokenizer, data, seq_len: int, sequences: int, micro_batch
     other ranks read the cache; every rank then scores its share."""
     from ..data import packed_eval_sequences
 
-    if not D.is_main():
-        D.barrier()
-    held_out = packed_eval_sequences(data, tokenizer, seq_len, sequences, text_field=text_field, at_most=True)
-    if D.is_main():
-        D.barrier()
+    with D.main_rank_first():
+        held_out = packed_eval_sequences(data, tokenizer, seq_len, sequences, text_field=text_field, at_most=True)
     return evaluate(model, held_out, micro_batch_size)
