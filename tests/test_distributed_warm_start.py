@@ -133,35 +133,37 @@ def test_resumed_run_keeps_its_routers_and_capacity_plan_without_a_second_warm_s
     assert max_diff(routers_at(resumed, STEPS), routers_at(whole, STEPS)) <= ATOL_VALUES
 
 
-def eval_ppl(prefix: list[str], run, data: list[str]) -> dict:
-    cmd = prefix + [str(REPO / "tools" / "eval_ppl.py"), str(run.run_dir), "--data", *data, "--sequences", "5",
-                    "--batch-size", "2"]
-    proc = subprocess.run(cmd, cwd=REPO, env=child_env(), capture_output=True, text=True, timeout=300)
+TORCHRUN_2 = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+
+
+def tool_line(prefix: list[str], tool: str, args: list[str]) -> dict:
+    """The one JSON line tools/TOOL.py prints, run as `prefix` (one process, or torchrun) says."""
+    proc = subprocess.run(prefix + [str(REPO / "tools" / tool), *args], cwd=REPO, env=child_env(),
+                          capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     lines = [x for x in proc.stdout.splitlines() if x.startswith("{")]
     assert len(lines) == 1, proc.stdout  # rank 0 prints
     return json.loads(lines[0])
+
+
+def eval_ppl(prefix: list[str], run, data: list[str]) -> dict:
+    return tool_line(prefix, "eval_ppl.py", [str(run.run_dir), "--data", *data, "--sequences", "5",
+                                             "--batch-size", "2"])
 
 
 def test_eval_ppl_under_torchrun_equals_one_process(ref_calibrated, common):
     """5 sequences on 2 ranks: rank 1 scores one padding duplicate that must not count."""
     data = json.loads(next(x for x in common if x.startswith("data.train_files="))[len("data.train_files="):])
     one = eval_ppl([sys.executable], ref_calibrated, data)
-    two = eval_ppl([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"],
-                   ref_calibrated, data)
+    two = eval_ppl(TORCHRUN_2, ref_calibrated, data)
     assert set(one) == set(two) and one["sequences"] == 5
     for key in ("ppl_routed", "ppl_dense", "ppl_ratio", "attn_sparsity", "mlp_sparsity", "sparsity"):
         assert two[key] == pytest.approx(one[key], rel=1e-6, abs=1e-7), key
 
 
 def calibrate_tool(prefix: list[str], run, out: Path) -> dict:
-    cmd = prefix + [str(REPO / "tools" / "calibrate_routers.py"), str(run.run_dir), "--out", str(out),
-                    "--sparsity", "0.3", "--sequences", "5"]
-    proc = subprocess.run(cmd, cwd=REPO, env=child_env(), capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    lines = [x for x in proc.stdout.splitlines() if x.startswith("{")]
-    assert len(lines) == 1, proc.stdout  # rank 0 prints
-    return json.loads(lines[0])
+    return tool_line(prefix, "calibrate_routers.py", [str(run.run_dir), "--out", str(out), "--sparsity", "0.3",
+                                                      "--sequences", "5"])
 
 
 def test_calibrate_tool_under_torchrun_equals_one_process(root, ref_warm):
@@ -170,8 +172,7 @@ def test_calibrate_tool_under_torchrun_equals_one_process(root, ref_warm):
     from safetensors.torch import load_file
 
     one = calibrate_tool([sys.executable], ref_warm, root / "tool_cal_one")
-    two = calibrate_tool([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"],
-                         ref_warm, root / "tool_cal_two")
+    two = calibrate_tool(TORCHRUN_2, ref_warm, root / "tool_cal_two")
     for kind in ("attn", "mlp"):
         assert two["skip_rate_before"][kind] == pytest.approx(one["skip_rate_before"][kind], abs=1e-7), kind
     for key in ("ppl_routed", "ppl_dense", "attn_sparsity", "mlp_sparsity", "sparsity"):
