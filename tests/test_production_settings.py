@@ -254,7 +254,10 @@ def test_gpu_check_without_cuda_is_a_dry_run_of_commands_that_exist(tmp_path):
     benches = {"bench_routed_forward_smollm2", "bench_routed_forward_llama2_7b_4l", "bench_generate_smollm2",
                "bench_generate_llama2_7b_4l", "bench_routed_forward_smollm2_compile",
                "bench_routed_forward_llama2_7b_4l_compile"}
-    assert {"assets", "pytest_gpu", "smoke_fsdp2", "smoke_zero3"} | benches <= set(planned), lines
+    assert {"assets", "pytest_gpu", "smoke_fsdp2", "smoke_zero3", "smoke_stage2", "tool_calibrate",
+            "tool_eval_ppl"} | benches <= set(planned), lines
+    for name in ("tool_calibrate", "tool_eval_ppl"):
+        assert planned[name][planned[name].index("--device") + 1] == "cuda", name
     # every bench runs (none skipped for a missing option), on the GPU in bf16, each shape its own step
     assert not [line for line in lines if line.startswith("gpu_check: would skip [bench_")], lines
     for name in benches:
@@ -277,19 +280,25 @@ def test_gpu_check_without_cuda_is_a_dry_run_of_commands_that_exist(tmp_path):
             for arg in cmd[2:]:
                 if arg.startswith("--"):
                     assert arg in help_text.stdout, (name, arg)
-    # the smoke recipe is a valid config for both back ends (keys, values, the ZeRO-3 file)
+    # the smoke runs are the Slurm configs (the cluster recipe), valid for both back ends (keys, values, the
+    # ZeRO-3 file), scaled down only in model, data, sizes and steps
     from skipgpt_dist.config import load_config
 
-    for name in ("smoke_fsdp2", "smoke_zero3"):
+    for name, config_file in (("smoke_fsdp2", "slurm/configs/stage1_70b.yaml"),
+                              ("smoke_zero3", "slurm/configs/stage1_70b.yaml"),
+                              ("smoke_stage2", "slurm/configs/stage2_70b.yaml")):
         cmd = planned[name]
         rest = cmd[cmd.index("train.py") + 1:]
-        config = rest[rest.index("--config") + 1]
+        assert rest[rest.index("--config") + 1] == config_file, name
         overrides = [a for a in rest if "=" in a and not a.startswith("--")]
         if "--ds_config" in rest:
             overrides += ["parallel.backend=deepspeed", f"parallel.ds_config={rest[rest.index('--ds_config') + 1]}"]
-        cfg = load_config(str(REPO / config), overrides)
-        assert cfg.routers.mode == "capacity" and cfg.parallel.mixed_precision == "bf16"
-        assert cfg.model.path == "builtin:smollm2-135m" and cfg.optim.max_steps == 10
+        cfg, cluster = load_config(str(REPO / config_file), overrides), load_config(str(REPO / config_file))
+        assert cfg.routers == cluster.routers, name  # the recipe's routing, untouched
+        assert (cfg.stage.stage, cfg.stage.calibrate.enabled) == (cluster.stage.stage, cluster.stage.calibrate.enabled)
+        assert cfg.parallel.mixed_precision == "bf16" and cfg.parallel.activation_checkpointing, name
+        assert cfg.model.path == "builtin:smollm2-135m" and cfg.data.train_files == ["builtin:general-train"], name
+    assert "stage.init_from=runs/gpu_check/TIME/smoke_fsdp2" in planned["smoke_stage2"]  # stage 2 on stage 1's run
     assert "--shape" in planned["bench_generate_llama2_7b_4l"]
 
 
