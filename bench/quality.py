@@ -265,10 +265,8 @@ def calibrated_row(run_dir: Path, sparsity: float, preset: Preset, flops) -> Row
     launch("tools/calibrate_routers.py", [str(run_dir), "--out", str(target), "--sparsity", str(sparsity),
                                           "--kinds", "attn", "--sequences", str(preset.calibration_sequences)], 1)
     general, hamlet = score(target, [GENERAL_EVAL, HAMLET_EVAL], preset.eval_sequences, mode="mask")
-    row = Row(CALIBRATED_METHOD, sparsity, general["ppl_routed"], general["attn_sparsity"], general["mlp_sparsity"],
-              flops_skipped(general["attn_sparsity"], general["mlp_sparsity"], flops), general["ppl_dense"],
-              ppl_hamlet=hamlet["ppl_routed"], note=f"{target.name}: calibrated stage-1 routers, served decisions",
-              extra={"general": general, "hamlet": hamlet})
+    row = scored_row(CALIBRATED_METHOD, sparsity, general, hamlet, flops,
+                     note=f"{target.name}: calibrated stage-1 routers, served decisions", extra={"general": general})
     log(f"{CALIBRATED_METHOD} @ {sparsity:.0%}: ppl {row.ppl:.2f} at {row.sparsity:.3f}")
     return row
 
@@ -309,15 +307,20 @@ def targets(sparsity: float, split: dict) -> list[str]:
             f"routers.target_sparsity_mlp={mlp}"]
 
 
+def scored_row(method: str, sparsity: float, general: dict, hamlet: dict, flops, extra: dict, **fields) -> Row:
+    """A SkipGPT row from evaluate()'s results on general held-out text and on Hamlet."""
+    return Row(method, sparsity, general["ppl_routed"], general["attn_sparsity"], general["mlp_sparsity"],
+               flops_skipped(general["attn_sparsity"], general["mlp_sparsity"], flops), general["ppl_dense"],
+               ppl_hamlet=hamlet["ppl_routed"], extra={**extra, "hamlet": hamlet}, **fields)
+
+
 def run_row(method: str, sparsity: float, run: dict, preset: Preset, ranks: int, flops) -> Row:
-    e = run["eval"]
+    """A training run's row: its own final evaluation on general text (static slots), Hamlet scored here."""
     (hamlet,) = score(Path(run["run_dir"]), [HAMLET_EVAL], preset.eval_sequences)
-    return Row(method, sparsity, e["ppl_routed"], e["attn_sparsity"], e["mlp_sparsity"],
-               flops_skipped(e["attn_sparsity"], e["mlp_sparsity"], flops), e["ppl_dense"],
-               ppl_hamlet=hamlet["ppl_routed"], train_flops_skipped=training_flops_skipped(Path(run["run_dir"]), flops),
-               train_minutes=run["seconds"] / 60,
-               extra={"steps": run["steps"], "tokens": run["tokens"], "seconds": run["seconds"],
-                      "hamlet": hamlet})
+    return scored_row(method, sparsity, run["eval"], hamlet, flops,
+                      extra={"steps": run["steps"], "tokens": run["tokens"], "seconds": run["seconds"]},
+                      train_flops_skipped=training_flops_skipped(Path(run["run_dir"]), flops),
+                      train_minutes=run["seconds"] / 60)
 
 
 STAGE1_METHODS = {"capacity": "SkipGPT stage 1, capacity (recipe)", "mask": "SkipGPT stage 1, mask (reference)"}
