@@ -13,7 +13,8 @@
 #   smoke_zero3   the same on DeepSpeed ZeRO-3 with the production ds_configs/zero3.json
 #   smoke_stage2  slurm/configs/stage2_70b.yaml (in-job calibration, LoRA, routers held at the target) from
 #                 smoke_fsdp2, 5 steps, FSDP2
-#   tool_*        calibrate_routers.py and eval_ppl.py on the GPU (--device cuda) on the smoke checkpoints
+#   tool_*        calibrate_routers.py and eval_ppl.py on the GPU (--device cuda) on the smoke checkpoints, and
+#                 eval_ppl.py --device-map auto (accelerate's dispatch, hooks on every module)
 #   bench_*       --device cuda --dtype bfloat16: bench/routed_forward.py (dense / mask / capacity at 25% and 40%
 #                 skip, forward + router-training step, static inference slots) eager, --compile and CUDA graphs
 #                 (--compile-mode reduce-overhead), and bench/generate.py (prefill, batch-1 decode), each on the
@@ -119,6 +120,8 @@ step tool_calibrate 90 "$PYTHON" tools/calibrate_routers.py "$OUT/smoke_fsdp2" -
   --device cuda --sparsity 0.25 --kinds attn --sequences 8
 step tool_eval_ppl 90 "$PYTHON" tools/eval_ppl.py "$OUT/smoke_stage2" --device cuda --data builtin:general-eval \
   --sequences 8
+step tool_eval_ppl_device_map 90 "$PYTHON" tools/eval_ppl.py "$OUT/smoke_stage2" --device-map auto \
+  --data builtin:general-eval --sequences 8
 
 # Benches, bf16 on the GPU, most telling first (the budget cuts the tail, not the head). routed_forward: dense /
 # mask / capacity at 25% and 40% skip, forward and router-training step, static inference slots; generate: prefill

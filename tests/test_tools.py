@@ -430,6 +430,97 @@ def test_routing_report_under_torchrun_is_written_by_rank_0_only(stage1_ckpt, tm
     assert (tmp_path / "r0" / "report.json").is_file()
 
 
+# ---------------------------------------------------------------- --device-map (accelerate dispatch)
+
+
+def whole_layer_map(tiny_model_dir: str, path: Path, **changes) -> Path:
+    """A device map of every top-level module of the tiny model to the CPU (one entry per decoder layer, as
+    --device-map auto makes for GPUs), with `changes` (module -> device) applied."""
+    layers = json.loads((Path(tiny_model_dir) / "config.json").read_text())["num_hidden_layers"]
+    mapping = {"model.embed_tokens": "cpu", **{f"model.layers.{i}": "cpu" for i in range(layers)},
+               "model.norm": "cpu", "model.rotary_emb": "cpu", "lm_head": "cpu", **changes}
+    path.write_text(json.dumps({k: v for k, v in mapping.items() if v is not None}))
+    return path
+
+
+def tool_line(name: str, argv: list[str], capsys) -> dict:
+    capsys.readouterr()
+    run_tool(name, argv)
+    return json.loads([x for x in capsys.readouterr().out.splitlines() if x.startswith("{")][-1])
+
+
+def test_device_map_keeps_the_routing_and_the_figures(stage2_ckpt, stage1_ckpt, tiny_model_dir, tmp_path, capsys):
+    """Dispatched by a device map (accelerate's hooks on every module: force_hooks, so one device runs the
+    multi-GPU path), eval_ppl prints what one device prints, LoRA included, and calibrate_routers writes the same
+    routers. A model dispatched before its routers were attached would run dense: sparsity 0."""
+    from safetensors.torch import load_file
+
+    layer_map = str(whole_layer_map(tiny_model_dir, tmp_path / "map.json"))
+    ckpt = stage2_ckpt("none")
+    args = [str(ckpt), "--data", *train_files(ckpt), "--sequences", "3"]
+    plain = tool_line("eval_ppl", args, capsys)
+    mapped = tool_line("eval_ppl", args + ["--device-map", layer_map], capsys)
+    assert plain["sparsity"] > 0.05
+    for key in ("ppl_routed", "ppl_dense", "attn_sparsity", "mlp_sparsity"):
+        assert mapped[key] == pytest.approx(plain[key], rel=1e-6, abs=1e-9), key
+    cal = ["--sparsity", "0.4", "--sequences", "3", "--data", *train_files(ckpt)]
+    tool_line("calibrate_routers", [str(stage1_ckpt), "--out", str(tmp_path / "cal_plain"), *cal], capsys)
+    tool_line("calibrate_routers", [str(stage1_ckpt), "--out", str(tmp_path / "cal_mapped"), *cal,
+                                    "--device-map", layer_map], capsys)
+    got, want = (load_file(str(tmp_path / name / "routers.safetensors")) for name in ("cal_mapped", "cal_plain"))
+    assert set(got) == set(want) and all(torch.allclose(got[k], want[k], atol=1e-6) for k in want)
+    before = load_file(str(stage1_ckpt / "routers.safetensors"))
+    assert any(not torch.allclose(before[k], want[k]) for k in want)  # calibration moved them
+
+
+def test_routers_refuse_a_model_dispatched_before_they_were_attached(tiny_model_dir, tmp_path):
+    """accelerate keeps a dispatched layer's original forward: routers attached after it would never run (the
+    model silently dense), so attach_routers says so; place_model dispatches after attaching."""
+    from accelerate import dispatch_model
+
+    from skipgpt_dist.errors import SkipGPTError
+    from skipgpt_dist.routing import RouterConfig, attach_routers
+    from skipgpt_dist.training.model_setup import load_base_model
+
+    model = load_base_model(tiny_model_dir, "float32", False)
+    mapping = json.loads(whole_layer_map(tiny_model_dir, tmp_path / "map.json").read_text())
+    model = dispatch_model(model, device_map=mapping, force_hooks=True)
+    with pytest.raises(SkipGPTError, match="before routers were attached"):
+        attach_routers(model, RouterConfig(mode="mask"))
+
+
+def train_files(ckpt: Path) -> list[str]:
+    from skipgpt_dist.config import load_config
+
+    return load_config(str(ckpt / "config.yaml")).data.train_files
+
+
+@pytest.mark.parametrize("case, needle", [
+    ("missing", "no such file"),
+    ("not_json", "not readable JSON"),
+    ("unknown_module", "does not fit this model"),
+    ("offload", "offloading"),
+    ("disk", "offloads to disk"),
+    ("torchrun", "without torchrun"),
+])
+def test_bad_device_map_is_a_one_line_error(case, needle, stage1_ckpt, tiny_model_dir, tmp_path, capsys,
+                                            monkeypatch):
+    maps = {"missing": tmp_path / "absent.json",
+            "not_json": tmp_path / "broken.json",
+            "unknown_module": whole_layer_map(tiny_model_dir, tmp_path / "u.json", lm_head=None, **{"model.head": "cpu"}),
+            "offload": whole_layer_map(tiny_model_dir, tmp_path / "o.json", **{"model.embed_tokens": 0}),
+            "disk": whole_layer_map(tiny_model_dir, tmp_path / "d.json", lm_head="disk"),
+            "torchrun": whole_layer_map(tiny_model_dir, tmp_path / "t.json")}
+    (tmp_path / "broken.json").write_text("{model.layers.0: cpu")
+    if case == "torchrun":
+        monkeypatch.setenv("WORLD_SIZE", "2")
+    err = run_tool("eval_ppl", [str(stage1_ckpt), "--sequences", "2", "--device-map", str(maps[case])],
+                   expect_exit=2, capsys=capsys)
+    # (a map checked against the loaded model comes after transformers' "Loading weights" progress line)
+    errors = [line for line in err.splitlines() if line.strip() and not line.startswith("Loading weights")]
+    assert len(errors) == 1 and errors[0].startswith("error: ") and needle in errors[0], err
+
+
 # ---------------------------------------------------------------- bad input: one-line errors, nothing half-written
 
 

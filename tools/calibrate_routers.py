@@ -28,6 +28,7 @@ from pathlib import Path
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from skipgpt_dist.errors import SkipGPTError, run_cli  # noqa: E402
+from skipgpt_dist.placement import add_device_options  # noqa: E402
 
 
 def parse_args(argv):
@@ -42,15 +43,16 @@ def parse_args(argv):
     p.add_argument("--data", nargs="+", default=None, help="calibration text (default: the run's data.train_files)")
     p.add_argument("--sequences", type=int, default=16, help="calibration sequences")
     p.add_argument("--eval-data", nargs="+", default=None, help="held-out text for the ppl line (default: the run's)")
-    p.add_argument("--device", default=None, help="where the model runs (default: cuda if available, else cpu)")
+    add_device_options(p)
     return p.parse_args(argv)
 
 
 def calibrate_checkpoint(checkpoint, out, sparsity=None, method="per_layer", data=None, sequences=16, kinds="both",
-                         device=None):
+                         device=None, device_map=None):
     """Write `out`, a copy of `checkpoint` with calibrated routers; returns (model, tokenizer, cfg, skip rates
     before calibration). The model is the calibrated one, in eval mode, on `device` (tool_device's default: cuda
-    if available). The calibration is routing/calibrate.py's, the code stage.calibrate runs inside training."""
+    if available), or split by `device_map` (placement.read_device_map's). The calibration is
+    routing/calibrate.py's, the code stage.calibrate runs inside training."""
     out = Path(out).expanduser()
     if out.exists():
         raise SkipGPTError(f"--out {out} already exists: choose a new folder (the calibrated copy never overwrites)")
@@ -61,6 +63,7 @@ def calibrate_checkpoint(checkpoint, out, sparsity=None, method="per_layer", dat
     from skipgpt_dist.data import packed_eval_sequences
     from skipgpt_dist.routing import routing_context
     from skipgpt_dist.routing.calibrate import calibrate_routers
+    from skipgpt_dist.placement import place_model
     from skipgpt_dist.training import distributed as D
     from skipgpt_dist.training.restore import load_checkpoint_model, tool_device
 
@@ -68,7 +71,7 @@ def calibrate_checkpoint(checkpoint, out, sparsity=None, method="per_layer", dat
     device = tool_device(device)
     D.join_tool_ranks(device)  # after every rank checked --out: none can be written before all have joined
     model, tokenizer, cfg = load_checkpoint_model(str(source))
-    model.to(device)
+    model = place_model(model, device, device_map)
     router_cfg = routing_context(model).cfg
     if sparsity is not None:
         router_cfg.target_sparsity = sparsity
@@ -109,9 +112,13 @@ def main(argv=None):
 
     from skipgpt_dist.training.evaluate import evaluate
 
+    from skipgpt_dist.placement import placement
+
     torch.manual_seed(0)
+    device, device_map = placement(args)
     model, tokenizer, cfg, before = calibrate_checkpoint(args.checkpoint, args.out, args.sparsity, args.method,
-                                                         args.data, args.sequences, args.kinds, args.device)
+                                                         args.data, args.sequences, args.kinds, str(device),
+                                                         device_map)
     from skipgpt_dist.routing import routing_context
 
     result = {"checkpoint": str(args.out), "method": args.method, "kinds": args.kinds,
@@ -119,12 +126,12 @@ def main(argv=None):
     from skipgpt_dist.data import packed_eval_sequences
     from skipgpt_dist.training import distributed as D
 
-    with D.main_rank_first():
-        held_out = packed_eval_sequences(args.eval_data or cfg.data.eval_files, tokenizer, cfg.data.seq_len,
-                                         cfg.data.eval_sequences, "auto" if args.eval_data else cfg.data.format,
-                                         cfg.data.text_field)
-    if len(held_out):  # each rank scores its share; the sums are all-reduced
-        result.update(evaluate(model, held_out, cfg.optim.micro_batch_size))
+    eval_data = args.eval_data or cfg.data.eval_files
+    if eval_data:  # (a run without held-out files gets the skip rates only)
+        with D.main_rank_first():
+            held_out = packed_eval_sequences(eval_data, tokenizer, cfg.data.seq_len, cfg.data.eval_sequences,
+                                             "auto" if args.eval_data else cfg.data.format, cfg.data.text_field)
+        result.update(evaluate(model, held_out, cfg.optim.micro_batch_size))  # each rank its share, all-reduced
     if D.is_main():
         print(json.dumps(result), flush=True)
     D.barrier()

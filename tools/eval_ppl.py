@@ -7,6 +7,7 @@
 Prints one JSON line: {"ppl_routed", "ppl_dense", "ppl_ratio", "attn_sparsity", "mlp_sparsity", "sparsity", ...}.
 Under torchrun every rank holds the whole model on its device and scores its share of the sequences; the sums of
 NLL, token and execution counts are all-reduced, so the line (printed by rank 0) is what one process prints.
+A model that no GPU holds: `--device-map auto` splits it over the node's GPUs, whole decoder layers per GPU.
 """
 import argparse
 import json
@@ -16,6 +17,7 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from skipgpt_dist.errors import SkipGPTError, run_cli  # noqa: E402
+from skipgpt_dist.placement import add_device_options  # noqa: E402
 
 
 @run_cli
@@ -30,8 +32,7 @@ def main(argv=None):
     parser.add_argument("--mode", choices=["mask", "capacity", "expert_choice"], default=None,
                         help="execution mode to evaluate with (default: the trained one)")
     parser.add_argument("--capacity", type=float, default=None)
-    parser.add_argument("--device", default=None, help="where the model runs (default: cuda if available, under "
-                                                         "torchrun each rank's own GPU; else cpu)")
+    add_device_options(parser)
     args = parser.parse_args(argv)
     if args.batch_size < 1:
         raise SkipGPTError(f"--batch-size={args.batch_size} must be >= 1")
@@ -44,13 +45,14 @@ def main(argv=None):
 
     from skipgpt_dist.training import distributed as D
     from skipgpt_dist.training.evaluate import score_text
-    from skipgpt_dist.training.restore import load_checkpoint_model, tool_device
+    from skipgpt_dist.placement import place_model, placement
+    from skipgpt_dist.training.restore import load_checkpoint_model
 
     torch.manual_seed(0)
-    device = tool_device(args.device)
+    device, device_map = placement(args)
     D.join_tool_ranks(device)
     model, tokenizer, cfg = load_checkpoint_model(args.checkpoint, args.mode, args.capacity)
-    model.to(device)
+    model = place_model(model, device, device_map)
     seq_len = args.seq_len or cfg.data.seq_len
     # each rank scores its share of the sequences; the sums are all-reduced
     result = score_text(model, tokenizer, args.data, seq_len, args.sequences, args.batch_size, cfg.data.text_field)

@@ -14,6 +14,7 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from skipgpt_dist.errors import SkipGPTError, run_cli  # noqa: E402
+from skipgpt_dist.placement import add_device_options  # noqa: E402
 
 
 @run_cli
@@ -28,7 +29,7 @@ def main(argv=None):
     parser.add_argument("--mode", choices=["mask", "capacity", "expert_choice"], default=None,
                         help="execution mode (default: the trained one)")
     parser.add_argument("--capacity", type=float, default=None)
-    parser.add_argument("--device", default=None, help="where the model runs (default: cuda if available, else cpu)")
+    add_device_options(parser)
     args = parser.parse_args(argv)
 
     text = args.text
@@ -45,15 +46,15 @@ def main(argv=None):
 
     import torch
 
+    from skipgpt_dist.placement import place_model, placement
     from skipgpt_dist.report import collect_routing, load_for_report, write_report
     from skipgpt_dist.training import distributed as D
-    from skipgpt_dist.training.restore import tool_device
 
     if D.rank() > 0:  # torchrun: one report, by rank 0
         return
 
     torch.manual_seed(0)
-    device = tool_device(args.device)
+    device, device_map = placement(args)
     from safetensors import SafetensorError
 
     try:
@@ -61,7 +62,8 @@ def main(argv=None):
     except SafetensorError as err:  # an exported folder's weights (checkpoints are checked in training/restore.py)
         raise SkipGPTError(f"a safetensors file under {args.model} is not readable ({str(err).splitlines()[0][:160]}): "
                            "it is truncated or corrupt; export or copy it again") from None
-    report = collect_routing(model.to(device), tokenizer, text, args.max_tokens)  # the ids follow the model
+    model = place_model(model, device, device_map)
+    report = collect_routing(model, tokenizer, text, args.max_tokens)  # the ids follow the model
     report["model"] = args.model
     png, js = write_report(report, args.out)
     print(f"{report['num_tokens']} tokens, attention execute {report['attn_execute']:.3f}, MLP execute "

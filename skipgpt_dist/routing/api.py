@@ -73,6 +73,10 @@ def attach_routers(model: nn.Module, cfg: Optional[RouterConfig] = None) -> nn.M
     shape = adapter.shape(config)
     layers = adapter.decoder_layers(model)
     check_layer_capacity(cfg, len(layers))
+    if any(hasattr(layer, "_hf_hook") for layer in layers):
+        raise SkipGPTError("this model was dispatched by accelerate (from_pretrained(device_map=...)) before routers "
+                           "were attached: its layers would keep their unrouted forward and run dense. Load it "
+                           "without a device map, attach routers, then dispatch (skipgpt_dist.placement.place_model)")
     ctx = RoutingContext(cfg=cfg, temperature=cfg.temperature_start)
     for idx, layer in enumerate(layers):
         reference = next(getattr(layer, adapter.attn).parameters())  # (its device and dtype)
@@ -185,9 +189,11 @@ def routing_stats_tensor(model: nn.Module) -> torch.Tensor:
     if not ctx.stats:  # as routing_stats: no layer recorded anything, so no fraction executed
         return torch.zeros(2, dtype=torch.float64)
     entries = [ctx.stats[idx] for idx in sorted(ctx.stats)]
-    executed = torch.stack([torch.stack([torch.as_tensor(e[k]["executed"]) for k in ("attn", "mlp")])
+    # one device for all: under a device map (placement.py) each layer's statistics are on its own GPU
+    device = torch.as_tensor(entries[0]["attn"]["executed"]).device
+    executed = torch.stack([torch.stack([torch.as_tensor(e[k]["executed"]).to(device) for k in ("attn", "mlp")])
                             for e in entries]).double()
-    tokens = torch.stack([torch.stack([torch.as_tensor(e[k]["valid"]) for k in ("attn", "mlp")])
+    tokens = torch.stack([torch.stack([torch.as_tensor(e[k]["valid"]).to(device) for k in ("attn", "mlp")])
                           for e in entries]).double()
     totals = executed.sum(dim=0) / tokens.sum(dim=0).clamp_min(1.0)
     return torch.cat([totals, (executed / tokens.clamp_min(1.0)).flatten()])

@@ -65,8 +65,9 @@ def sequence_records(model, sequences: torch.Tensor, micro_batch_size: int, keys
     store: dict = {}
     parts: list[torch.Tensor] = []
 
-    def collect() -> None:
-        parts.append(torch.stack([store.pop(key) for key in keys], dim=1))
+    def collect() -> None:  # (on the first key's device: under a device map each layer's hook fires on its GPU)
+        first = store[keys[0]].device
+        parts.append(torch.stack([store.pop(key).to(first) for key in keys], dim=1))
 
     forward_with_hooks(model, sequences[rows], micro_batch_size, attach(store), after_batch=collect)
     return gather_rows(torch.cat(parts), rows, own, len(sequences))
