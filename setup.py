@@ -23,7 +23,7 @@ setup(
         "tokenizers>=0.20",
     ],
     extras_require={
-        "dev": ["pytest>=8", "deepspeed>=0.16", "wandb>=0.18", "submitit>=1.5", "gguf>=0.10", "matplotlib>=3.7",
+        "dev": ["pytest>=8", "pytest-xdist>=3.5", "deepspeed>=0.16", "wandb>=0.18", "submitit>=1.5", "gguf>=0.10", "matplotlib>=3.7",
                 "lm-eval==0.4.13"],
         # lm-eval is pinned: skipgpt_dist/lm_eval_model.py subclasses its HFLM and drives its command line.
         "eval": ["lm-eval==0.4.13"],
