@@ -43,7 +43,7 @@ def placement(args) -> tuple[torch.device, Union[str, DeviceMap, None]]:
 
     if args.device_map is None:
         return tool_device(args.device), None
-    check_single_process(args.device_map)
+    check_single_process()
     return torch.device("cpu"), read_device_map(args.device_map)
 
 
@@ -67,9 +67,9 @@ def read_device_map(spec: str) -> Union[str, DeviceMap]:
     return mapping
 
 
-def check_single_process(spec: Optional[str]) -> None:
+def check_single_process() -> None:
     """A device map splits one model over this node's GPUs: one process uses them all, so not under torchrun."""
-    if spec is not None and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         raise SkipGPTError("--device-map splits one model over the GPUs of one process: run the tool without "
                            "torchrun (or, under torchrun, give each rank its own GPU with --device)")
 
@@ -104,7 +104,6 @@ def place_model(model: torch.nn.Module, device: torch.device, device_map: Union[
         raise SkipGPTError(f"the device map does not fit this model ({str(err).splitlines()[0][:200]}): name "
                            "every top-level module (model.embed_tokens, model.layers.N, model.norm, lm_head), or "
                            "use --device-map auto") from None
-
 
 
 @contextlib.contextmanager

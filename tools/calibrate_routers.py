@@ -47,12 +47,12 @@ def parse_args(argv):
     return p.parse_args(argv)
 
 
-def calibrate_checkpoint(checkpoint, out, sparsity=None, method="per_layer", data=None, sequences=16, kinds="both",
-                         device=None, device_map=None):
+def calibrate_checkpoint(checkpoint, out, device, sparsity=None, method="per_layer", data=None, sequences=16,
+                         kinds="both", device_map=None):
     """Write `out`, a copy of `checkpoint` with calibrated routers; returns (model, tokenizer, cfg, skip rates
-    before calibration). The model is the calibrated one, in eval mode, on `device` (tool_device's default: cuda
-    if available), or split by `device_map` (placement.read_device_map's). The calibration is
-    routing/calibrate.py's, the code stage.calibrate runs inside training."""
+    before calibration). The model is the calibrated one, in eval mode, on `device` (placement()'s), or split by
+    `device_map` (placement.read_device_map's). The calibration is routing/calibrate.py's, the code
+    stage.calibrate runs inside training."""
     out = Path(out).expanduser()
     if out.exists():
         raise SkipGPTError(f"--out {out} already exists: choose a new folder (the calibrated copy never overwrites)")
@@ -61,14 +61,13 @@ def calibrate_checkpoint(checkpoint, out, sparsity=None, method="per_layer", dat
 
     from skipgpt_dist.checkpoint import find_checkpoint
     from skipgpt_dist.data import packed_eval_sequences
+    from skipgpt_dist.placement import place_model
     from skipgpt_dist.routing import routing_context
     from skipgpt_dist.routing.calibrate import calibrate_routers
-    from skipgpt_dist.placement import place_model
     from skipgpt_dist.training import distributed as D
-    from skipgpt_dist.training.restore import load_checkpoint_model, tool_device
+    from skipgpt_dist.training.restore import load_checkpoint_model
 
     source = find_checkpoint(checkpoint, key="checkpoint")
-    device = tool_device(device)
     D.join_tool_ranks(device)  # after every rank checked --out: none can be written before all have joined
     model, tokenizer, cfg = load_checkpoint_model(str(source))
     model = place_model(model, device, device_map)
@@ -110,28 +109,23 @@ def main(argv=None):
     args = parse_args(sys.argv[1:] if argv is None else argv)
     import torch
 
-    from skipgpt_dist.training.evaluate import evaluate
-
     from skipgpt_dist.placement import placement
+    from skipgpt_dist.routing import routing_context
+    from skipgpt_dist.training import distributed as D
+    from skipgpt_dist.training.evaluate import score_text
 
     torch.manual_seed(0)
     device, device_map = placement(args)
-    model, tokenizer, cfg, before = calibrate_checkpoint(args.checkpoint, args.out, args.sparsity, args.method,
-                                                         args.data, args.sequences, args.kinds, str(device),
+    model, tokenizer, cfg, before = calibrate_checkpoint(args.checkpoint, args.out, device, args.sparsity,
+                                                         args.method, args.data, args.sequences, args.kinds,
                                                          device_map)
-    from skipgpt_dist.routing import routing_context
-
     result = {"checkpoint": str(args.out), "method": args.method, "kinds": args.kinds,
               "target_sparsity": routing_context(model).cfg.target_sparsity, "skip_rate_before": before}
-    from skipgpt_dist.data import packed_eval_sequences
-    from skipgpt_dist.training import distributed as D
-
     eval_data = args.eval_data or cfg.data.eval_files
-    if eval_data:  # (a run without held-out files gets the skip rates only)
-        with D.main_rank_first():
-            held_out = packed_eval_sequences(eval_data, tokenizer, cfg.data.seq_len, cfg.data.eval_sequences,
-                                             "auto" if args.eval_data else cfg.data.format, cfg.data.text_field)
-        result.update(evaluate(model, held_out, cfg.optim.micro_batch_size))  # each rank its share, all-reduced
+    if eval_data:  # (a run without held-out files gets the skip rates only); each rank its share, all-reduced
+        result.update(score_text(model, tokenizer, eval_data, cfg.data.seq_len, cfg.data.eval_sequences,
+                                 cfg.optim.micro_batch_size, cfg.data.text_field,
+                                 "auto" if args.eval_data else cfg.data.format, at_most=False))
     if D.is_main():
         print(json.dumps(result), flush=True)
     D.barrier()

@@ -43,9 +43,9 @@ def main(argv=None):
 
     import torch
 
+    from skipgpt_dist.placement import place_model, placement
     from skipgpt_dist.training import distributed as D
     from skipgpt_dist.training.evaluate import score_text
-    from skipgpt_dist.placement import place_model, placement
     from skipgpt_dist.training.restore import load_checkpoint_model
 
     torch.manual_seed(0)

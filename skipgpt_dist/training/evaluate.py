@@ -61,12 +61,12 @@ def evaluate(model, sequences: torch.Tensor, micro_batch_size: int) -> dict:
 
 
 def score_text(model, tokenizer, data, seq_len: int, sequences: int, micro_batch_size: int,
-               text_field: str = "text") -> dict:
-    """evaluate() on up to `sequences` packed held-out sequences of `data` (files, folders or builtin: names), as
-    tools/eval_ppl.py prints it. Under torchrun rank 0 tokenises first, so `datasets` caches the text once and the
-    other ranks read the cache; every rank then scores its share."""
+               text_field: str = "text", data_format: str = "auto", at_most: bool = True) -> dict:
+    """evaluate() on `sequences` packed held-out sequences of `data` (files, folders or builtin: names; at_most:
+    fewer if the text is shorter), as tools/eval_ppl.py prints it. Under torchrun rank 0 tokenises first, so
+    `datasets` caches the text once and the other ranks read the cache; every rank then scores its share."""
     from ..data import packed_eval_sequences
 
     with D.main_rank_first():
-        held_out = packed_eval_sequences(data, tokenizer, seq_len, sequences, text_field=text_field, at_most=True)
+        held_out = packed_eval_sequences(data, tokenizer, seq_len, sequences, data_format, text_field, at_most)
     return evaluate(model, held_out, micro_batch_size)
